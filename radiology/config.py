@@ -1,0 +1,110 @@
+"""Command-line and recipe configuration: TRL's SFTConfig and ModelConfig plus one dataclass of ours.
+
+Precedence: the recipe defaults below < a YAML file given with ``--config`` < command-line flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import ModelConfig, SFTConfig, TrlParser
+
+from radiology.data import DEFAULT_INSTRUCTION
+
+__all__ = ["DEFAULT_MODEL", "RECIPE_DEFAULTS", "RadiologyArguments", "make_parser", "parse_args"]
+
+DEFAULT_MODEL = "google/gemma-3-4b-pt"
+
+# The well-known QLoRA recipe for Gemma 3 on radiology captions; every value can be overridden.
+RECIPE_DEFAULTS: dict[str, Any] = {
+    # model (ModelConfig)
+    "model_name_or_path": DEFAULT_MODEL,
+    "dtype": "bfloat16",
+    "attn_implementation": "sdpa",  # keeps Gemma 3's bidirectional attention over image tokens
+    "use_peft": True,
+    "load_in_4bit": True,
+    "bnb_4bit_quant_type": "nf4",
+    "use_bnb_nested_quant": True,  # double quantisation (QLoRA paper): ~0.4 bit/param saved
+    "bnb_4bit_quant_storage": "bfloat16",
+    "lora_r": 16,
+    "lora_alpha": 16,
+    "lora_dropout": 0.05,
+    "lora_target_modules": ["all-linear"],
+    "lora_modules_to_save": ["lm_head", "embed_tokens"],
+    # training (SFTConfig)
+    "output_dir": "gemma-3-radiology",
+    "num_train_epochs": 1.0,
+    "per_device_train_batch_size": 1,
+    "gradient_accumulation_steps": 4,
+    "activation_checkpointing": True,
+    "activation_checkpointing_kwargs": {"use_reentrant": False},
+    "optim": "adamw_torch_fused",
+    "learning_rate": 2e-4,  # QLoRA paper
+    "max_grad_norm": 0.3,  # QLoRA paper
+    "warmup_steps": 0.03,  # a float below 1 is a ratio of the total steps
+    "lr_scheduler_type": "constant_with_warmup",  # plain "constant" would silently skip the warmup
+    "bf16": True,
+    "logging_steps": 5,
+    "save_strategy": "epoch",
+    "report_to": ["tensorboard"],
+    "push_to_hub": False,
+    "max_length": 1024,
+    "remove_unused_columns": False,  # the collator needs the image and caption columns
+    "dataset_kwargs": {"skip_prepare_dataset": True},
+}
+
+
+@dataclass
+class RadiologyArguments:
+    """Data, prompt and output options that TRL's configs do not cover."""
+
+    dataset_name: str = field(
+        default="unsloth/Radiology_mini",
+        metadata={"help": "Hub dataset id, a local parquet/JSONL/CSV file, or a local folder (files or images)."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name, if any."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    max_train_samples: int | None = field(
+        default=800, metadata={"help": "Train on the first N rows of the split (the seed recipe uses 800)."}
+    )
+    image_column: str = field(default="image", metadata={"help": "Column holding images or image paths."})
+    caption_column: str = field(default="caption", metadata={"help": "Column holding the reference caption."})
+    id_column: str = field(default="image_id", metadata={"help": "Column holding an image identifier, if any."})
+    instruction: str = field(default=DEFAULT_INSTRUCTION, metadata={"help": "Instruction shown with each image."})
+    processor_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Processor (with chat template); default: the model's, or the -it sibling of a -pt model."},
+    )
+    merge: bool = field(default=True, metadata={"help": "Merge the adapter into bf16 weights after training."})
+    merged_output_dir: str | None = field(
+        default=None, metadata={"help": "Where to save the merged model (default: OUTPUT_DIR/merged)."}
+    )
+    merge_device: str = field(
+        default="auto",
+        metadata={"help": "Device for the bf16 merge: auto (GPU if it fits, else CPU), cpu or cuda."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into an output folder that already holds a run."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise ValueError("--max_train_samples must be at least 1 (or omitted for the whole split)")
+        if self.merge_device not in ("auto", "cpu", "cuda"):
+            raise ValueError("--merge_device must be auto, cpu or cuda")
+
+
+def make_parser() -> TrlParser:
+    parser = TrlParser((RadiologyArguments, SFTConfig, ModelConfig))
+    parser.set_defaults_with_config(**RECIPE_DEFAULTS)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[RadiologyArguments, SFTConfig, ModelConfig]:
+    script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
+    if training_args.fp16:
+        raise ValueError("fp16 is not supported for Gemma 3 (its activations overflow): use --bf16")
+    if training_args.push_to_hub and not training_args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/gemma-3-4b-radiology)")
+    return script_args, training_args, model_args

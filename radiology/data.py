@@ -1,0 +1,288 @@
+"""Data stage: load image-caption datasets, validate rows, convert images, build chat messages.
+
+A dataset is a Hugging Face hub id (``unsloth/Radiology_mini``), a local file (parquet, JSONL, CSV),
+or a local folder that ``datasets.load_dataset`` understands (parquet/JSONL/CSV files, or an image
+folder with a ``metadata.csv``/``metadata.jsonl`` giving captions). Image columns may hold images or
+file paths (relative paths are resolved against the dataset's folder).
+
+Rows are validated once, up front: rows with an empty caption or an image that does not decode are
+dropped and counted, so that training never crashes mid-epoch on one bad file.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from datasets import Dataset, DatasetDict, Image as ImageFeature, Value, load_dataset
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "DEFAULT_INSTRUCTION",
+    "DatasetError",
+    "ImageDecodeError",
+    "PreparedDataset",
+    "build_messages",
+    "decode_image",
+    "load_caption_dataset",
+    "prepare_caption_dataset",
+    "to_rgb",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_INSTRUCTION = "You are an expert radiographer. Describe accurately what you see in this image."
+
+# Canonical column names after preparation; the collator and evaluation read these.
+IMAGE, CAPTION, IMAGE_ID, CONTEXT = "image", "caption", "image_id", "context"
+
+_LOCAL_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used as given; the message says how to fix it."""
+
+
+class ImageDecodeError(ValueError):
+    """An image that cannot be read; the message names the cause."""
+
+
+# --------------------------------------------------------------------------- images
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow image (grayscale, 16-bit, float, palette, alpha, CMYK...) as 8-bit RGB.
+
+    High-bit-depth grayscale is stretched from its own min..max to 0..255: a 12/16-bit radiograph
+    stored as PNG/TIFF would otherwise clip to white under Pillow's plain conversion. Transparent
+    areas are composited onto black, the background of radiographs.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        pixels = np.asarray(image, dtype=np.float32)
+        low, high = float(pixels.min()), float(pixels.max())
+        scale = 255.0 / (high - low) if high > low else 0.0
+        gray = ((pixels - low) * scale).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(value: Any) -> Image.Image:
+    """An image from a PIL image, a path, raw bytes, or a ``datasets`` image dict, as 8-bit RGB.
+
+    Raises ImageDecodeError (never a Pillow or OS error) when it cannot be read.
+    """
+    if isinstance(value, Image.Image):
+        return to_rgb(value)
+    source: Any
+    if isinstance(value, Mapping):
+        source = value.get("bytes") or value.get("path")
+    else:
+        source = value
+    if source is None:
+        raise ImageDecodeError("the row has no image")
+    if isinstance(source, (bytes, bytearray)):
+        data: bytes = bytes(source)
+        name = "image bytes"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ImageDecodeError(f"image file not found: {path}")
+        data = path.read_bytes()
+        name = path.name
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            opened.load()  # decode fully now: a truncated file fails here, not mid-epoch
+            return to_rgb(opened)
+    except Image.DecompressionBombError as err:
+        raise ImageDecodeError(f"{name} is too large to decode safely ({err})") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageDecodeError(f"{name} is not a readable image ({type(err).__name__}: {err})") from err
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def build_messages(
+    instruction: str,
+    caption: str | None = None,
+    context: str | None = None,
+) -> list[dict[str, Any]]:
+    """Chat messages for one image: the user turn (image, instruction, optional clinical context)
+    and, for training, the assistant turn holding the caption.
+
+    Training and inference both call this, so the model sees the same prompt in both.
+    """
+    user_content: list[dict[str, Any]] = [{"type": "image"}, {"type": "text", "text": instruction}]
+    if context and context.strip():
+        user_content.append({"type": "text", "text": f"\n\nClinical context: {context.strip()}"})
+    messages: list[dict[str, Any]] = [{"role": "user", "content": user_content}]
+    if caption is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": caption}]})
+    return messages
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or "\\" in name or Path(name).suffix.lower() in _LOCAL_BUILDERS
+
+
+def load_caption_dataset(name: str, split: str, config: str | None = None) -> Dataset:
+    """One split of a dataset given as a hub id, a local file or a local folder.
+
+    Errors name the problem: a path that does not exist, or a split that is not there (listing
+    the splits found).
+    """
+    path = Path(name).expanduser()
+    if path.is_file():
+        builder = _LOCAL_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise DatasetError(
+                f"{path} is not a parquet, JSONL or CSV file; give one of those, a folder, or a hub dataset id"
+            )
+        splits = load_dataset(builder, data_files={split: str(path)})
+    elif path.is_dir():
+        splits = load_dataset(str(path), config)
+    elif _looks_like_path(name):
+        raise DatasetError(
+            f"dataset path {name} does not exist; pass an existing folder or file, or a hub id such as "
+            "unsloth/Radiology_mini"
+        )
+    else:
+        splits = load_dataset(name, config)
+    if not isinstance(splits, DatasetDict):
+        return splits
+    if split not in splits:
+        raise DatasetError(
+            f"split {split!r} not found in {name}; splits found: {', '.join(sorted(splits))}. "
+            "Choose one with --dataset_train_split (training) or --split (evaluation)."
+        )
+    dataset = splits[split]
+    if path.is_dir() or path.is_file():
+        dataset = _resolve_relative_image_paths(dataset, path if path.is_dir() else path.parent)
+    return dataset
+
+
+def _resolve_relative_image_paths(dataset: Dataset, root: Path) -> Dataset:
+    """String image columns in local tables hold paths relative to the table's folder."""
+    string_columns = [
+        name for name, feature in dataset.features.items()
+        if isinstance(feature, Value) and feature.dtype in ("string", "large_string") and "image" in name.lower()
+    ]
+
+    def absolute(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for column in string_columns:
+            batch[column] = [
+                None if value is None else str(value if Path(value).is_absolute() else (root / value))
+                for value in batch[column]
+            ]
+        return batch
+
+    return dataset.map(absolute, batched=True) if string_columns else dataset
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@dataclass
+class PreparedDataset:
+    """Rows ready for the collator, with what was dropped and why."""
+
+    dataset: Dataset
+    dropped: Counter[str] = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        kept = len(self.dataset)
+        if not self.dropped:
+            return f"{kept} rows kept, none dropped"
+        reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(self.dropped.items()))
+        return f"{kept} rows kept; dropped {sum(self.dropped.values())}: {reasons}"
+
+
+def _require_columns(dataset: Dataset, required: Mapping[str, str]) -> None:
+    found = list(dataset.column_names)
+    for option, column in required.items():
+        if column not in found:
+            raise DatasetError(
+                f"column {column!r} not found; columns found: {', '.join(found)}. "
+                f"Name the right one with --{option}."
+            )
+
+
+def _row_problem(image: Any, caption: Any) -> str | None:
+    if caption is None or not str(caption).strip():
+        return "empty caption"
+    try:
+        decode_image(image)
+    except ImageDecodeError:
+        return "unreadable image"
+    return None
+
+
+def prepare_caption_dataset(
+    dataset: Dataset,
+    image_column: str = IMAGE,
+    caption_column: str = CAPTION,
+    id_column: str | None = IMAGE_ID,
+    context_column: str | None = None,
+    max_samples: int | None = None,
+    num_proc: int | None = None,
+) -> PreparedDataset:
+    """Rename to canonical columns, keep the first ``max_samples`` rows, drop and count bad rows.
+
+    Images stay undecoded (bytes or paths) in the result: the collator decodes them in the data
+    loader's workers, off the training step's critical path.
+    """
+    required = {"image_column": image_column, "caption_column": caption_column}
+    if context_column:
+        required["context_column"] = context_column
+    _require_columns(dataset, required)
+    if max_samples is not None and max_samples < len(dataset):
+        dataset = dataset.select(range(max_samples))
+
+    columns = {image_column: IMAGE, caption_column: CAPTION}
+    if id_column and id_column in dataset.column_names:
+        columns[id_column] = IMAGE_ID
+    if context_column:
+        columns[context_column] = CONTEXT
+    dataset = dataset.select_columns(list(columns)).rename_columns(
+        {old: new for old, new in columns.items() if old != new}
+    )
+    if isinstance(dataset.features[IMAGE], ImageFeature):
+        dataset = dataset.cast_column(IMAGE, ImageFeature(decode=False))
+    if IMAGE_ID not in dataset.column_names:
+        dataset = dataset.add_column(IMAGE_ID, [str(i) for i in range(len(dataset))])
+
+    problems = dataset.map(
+        lambda batch: {"problem": [_row_problem(i, c) for i, c in zip(batch[IMAGE], batch[CAPTION])]},
+        batched=True,
+        batch_size=64,
+        input_columns=None,
+        remove_columns=dataset.column_names,
+        num_proc=num_proc,
+        desc="Validating rows",
+    )["problem"]
+    dropped = Counter(p for p in problems if p)
+    if dropped:
+        dataset = dataset.select([i for i, p in enumerate(problems) if p is None])
+    prepared = PreparedDataset(dataset=dataset, dropped=dropped)
+    logger.info("Dataset: %s", prepared.summary())
+    if len(dataset) == 0:
+        raise DatasetError(f"no usable rows left ({prepared.summary()}); check the image and caption columns")
+    return prepared

@@ -1,0 +1,312 @@
+"""Generate stage: image (+ instruction) -> description, whole or streamed. Used by the app,
+evaluation and this command line:
+
+    python -m radiology.generate --model runs/r1/merged --image chest.png
+    python -m radiology.generate --model google/gemma-3-4b-pt --adapter runs/r1 --load_in_4bit --image chest.png --stream
+
+Works from a merged folder, from a base model plus an adapter, and in 4-bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import (
+    AutoModelForImageTextToText,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    ProcessorMixin,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
+
+from radiology.collate import special_ids
+from radiology.data import DEFAULT_INSTRUCTION, build_messages, decode_image
+from radiology.merge import stop_ids
+from radiology.modeling import load_processor
+
+__all__ = [
+    "GenerationSettings",
+    "LoadedModel",
+    "StopSignal",
+    "build_inputs",
+    "generate_text",
+    "load_for_generation",
+    "stream_text",
+]
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding settings. Greedy by default (deterministic); sampling when do_sample is set."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 0.95
+    top_k: int = 64
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError("temperature must be above 0 when sampling (or turn sampling off for greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be 0 (off) or more")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        if not self.do_sample:
+            return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
+        return {
+            "do_sample": True,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k or None,
+            "max_new_tokens": self.max_new_tokens,
+        }
+
+    def describe(self) -> str:
+        if not self.do_sample:
+            return f"greedy, max {self.max_new_tokens} new tokens"
+        seed = "random seed" if self.seed is None else f"seed {self.seed}"
+        return (
+            f"sampling: temperature {self.temperature:g}, top_p {self.top_p:g}, top_k {self.top_k}, "
+            f"max {self.max_new_tokens} new tokens, {seed}"
+        )
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    processor: ProcessorMixin
+    name: str
+    precision: str
+    device: str
+    stop_token_ids: list[int] = field(default_factory=list)
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_for_generation(
+    model: str,
+    adapter: str | None = None,
+    load_in_4bit: bool = False,
+    device: str | None = None,
+    processor_name_or_path: str | None = None,
+    attn_implementation: str | None = None,
+) -> LoadedModel:
+    """Load a merged folder, a hub id, or a base + LoRA adapter, in bf16 or 4-bit NF4."""
+    device = device or _default_device()
+    if load_in_4bit and device == "cpu":
+        # bitsandbytes runs NF4 on CPU, slowly; allowed for checks, said out loud.
+        print("note: 4-bit on CPU is slow; it is meant for tests", file=sys.stderr)
+    quantization = (
+        BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        if load_in_4bit
+        else None
+    )
+    loaded = AutoModelForImageTextToText.from_pretrained(
+        model,
+        dtype=torch.bfloat16,
+        quantization_config=quantization,
+        attn_implementation=attn_implementation,
+        device_map={"": device} if device != "cpu" or load_in_4bit else None,
+    )
+    processor_source = model
+    if adapter is not None:
+        from peft import PeftModel
+
+        loaded = PeftModel.from_pretrained(loaded, adapter)
+        if (Path(adapter) / "processor_config.json").exists():
+            processor_source = adapter
+    processor = load_processor(processor_source, processor_name_or_path)
+    loaded.eval()
+    name = Path(model).name if Path(model).exists() else model
+    if adapter:
+        name += f" + {Path(adapter).name}"
+    return LoadedModel(
+        model=loaded,
+        processor=processor,
+        name=name,
+        precision="4-bit NF4" if load_in_4bit else "bf16",
+        device=str(device),
+        stop_token_ids=stop_ids(processor),
+    )
+
+
+def build_inputs(
+    processor: ProcessorMixin,
+    image: Image.Image | str | Path,
+    instruction: str | None = None,
+    context: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Tokenized prompt + pixel values for one image, exactly as the training collator builds prompts."""
+    picture = decode_image(image if not isinstance(image, Path) else str(image))
+    messages = build_messages(instruction or DEFAULT_INSTRUCTION, context=context)
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return processor(text=[prompt], images=[[picture]], return_tensors="pt", add_special_tokens=False)
+
+
+class StopSignal(StoppingCriteria):
+    """A stopping criterion that a UI button (or anything holding the event) can set."""
+
+    def __init__(self, event: threading.Event | None = None):
+        self.event = event or threading.Event()
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _generate_kwargs(
+    loaded: LoadedModel,
+    inputs: dict[str, torch.Tensor],
+    settings: GenerationSettings,
+    stop: threading.Event | None,
+) -> dict[str, Any]:
+    device = loaded.model.device
+    moved = {k: v.to(device) for k, v in inputs.items()}
+    if "pixel_values" in moved:
+        moved["pixel_values"] = moved["pixel_values"].to(torch.bfloat16)
+    ids = special_ids(loaded.processor)
+    kwargs: dict[str, Any] = dict(
+        **moved,
+        **settings.generate_kwargs(),
+        eos_token_id=loaded.stop_token_ids,
+        pad_token_id=ids.pad,
+        # The image placeholder tokens must never be generated: they would need pixels.
+        suppress_tokens=[ids.image, ids.boi],
+    )
+    if stop is not None:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([StopSignal(stop)])
+    return kwargs
+
+
+def _seed(settings: GenerationSettings) -> None:
+    if settings.do_sample and settings.seed is not None:
+        torch.manual_seed(settings.seed)
+        if torch.cuda.is_available():
+            torch.cuda.manual_seed_all(settings.seed)
+
+
+def generate_text(
+    loaded: LoadedModel,
+    image: Image.Image | str | Path,
+    instruction: str | None = None,
+    settings: GenerationSettings | None = None,
+    context: str | None = None,
+    stop: threading.Event | None = None,
+) -> str:
+    """The model's description of one image."""
+    settings = settings or GenerationSettings()
+    inputs = build_inputs(loaded.processor, image, instruction, context)
+    prompt_length = inputs["input_ids"].shape[1]
+    _seed(settings)
+    with torch.inference_mode():
+        output = loaded.model.generate(**_generate_kwargs(loaded, inputs, settings, stop))
+    return loaded.processor.decode(output[0, prompt_length:], skip_special_tokens=True).strip()
+
+
+def stream_text(
+    loaded: LoadedModel,
+    image: Image.Image | str | Path,
+    instruction: str | None = None,
+    settings: GenerationSettings | None = None,
+    context: str | None = None,
+    stop: threading.Event | None = None,
+) -> Iterator[str]:
+    """Yields the description as it grows (each item is the text so far). Setting ``stop`` ends
+    generation at the next token; closing the iterator early sets it too."""
+    settings = settings or GenerationSettings()
+    stop = stop or threading.Event()
+    inputs = build_inputs(loaded.processor, image, instruction, context)
+    streamer = TextIteratorStreamer(
+        loaded.processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600
+    )
+    kwargs = _generate_kwargs(loaded, inputs, settings, stop)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        _seed(settings)
+        try:
+            with torch.inference_mode():
+                loaded.model.generate(**kwargs, streamer=streamer)
+        except BaseException as err:  # re-raised in the caller's thread
+            errors.append(err)
+            streamer.end()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    text = ""
+    try:
+        for piece in streamer:
+            text += piece
+            yield text.strip()
+    finally:
+        stop.set()
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Describe a radiology image with a (fine-tuned) Gemma 3.")
+    parser.add_argument("--model", required=True, help="merged model folder, hub id, or base model for --adapter")
+    parser.add_argument("--image", required=True, help="image file (PNG, JPEG, TIFF, ...)")
+    parser.add_argument("--adapter", default=None, help="LoRA adapter folder to apply to --model")
+    parser.add_argument("--load_in_4bit", action="store_true", help="load the weights in 4-bit NF4")
+    parser.add_argument("--instruction", default=DEFAULT_INSTRUCTION)
+    parser.add_argument("--context", default=None, help="optional clinical context for the prompt")
+    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=None, help="implies --do_sample")
+    parser.add_argument("--top_p", type=float, default=0.95)
+    parser.add_argument("--top_k", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    args = parser.parse_args(argv)
+
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample or args.temperature is not None,
+        temperature=args.temperature if args.temperature is not None else 1.0,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    try:
+        loaded = load_for_generation(args.model, args.adapter, args.load_in_4bit, args.device)
+        if not args.stream:
+            print(generate_text(loaded, args.image, args.instruction, settings, context=args.context))
+            return
+        shown = ""
+        for text in stream_text(loaded, args.image, args.instruction, settings, context=args.context):
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+        sys.stdout.write("\n")
+    except (ValueError, OSError) as err:
+        parser.exit(2, f"error: {err}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Modeling stage: quantisation and LoRA configs, model and processor loading.
+
+The recipe's choices, with their reasons:
+- 4-bit NF4 with double quantisation and bf16 compute (QLoRA paper); bf16 *storage* of the packed
+  weights so that FSDP can shard them alongside the bf16 LoRA weights.
+- LoRA on every linear layer, the vision tower's included; ``lm_head`` and ``embed_tokens`` trained
+  in full with their tie kept (``ensure_weight_tying``), so there is one trained copy of the
+  262k x hidden matrix, not two that drift apart and get dropped at merge.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig, PreTrainedModel, ProcessorMixin
+from trl import ModelConfig
+
+__all__ = [
+    "HardwareError",
+    "bnb_config",
+    "check_bf16_support",
+    "device_map_for_process",
+    "lora_config",
+    "load_processor",
+    "load_training_model",
+    "processor_id_for",
+    "torch_dtype",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class HardwareError(RuntimeError):
+    """The machine cannot run what was asked; the message says what to use instead."""
+
+
+def torch_dtype(name: str | None) -> torch.dtype | str:
+    if name in (None, "auto"):
+        return "auto"
+    return getattr(torch, name)
+
+
+def check_bf16_support() -> None:
+    """Refuse GPUs without bfloat16: fp16 overflows in Gemma 3 (loss 0 or NaN). CPU is allowed."""
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        name = torch.cuda.get_device_name(0)
+        raise HardwareError(
+            f"{name} does not support bfloat16, which Gemma 3 needs (fp16 gives NaN/zero loss). "
+            "Use an Ampere or newer GPU (A10G, L4, A100, H100) or a bf16-capable Space hardware tier."
+        )
+
+
+def processor_id_for(model_name_or_path: str, processor_name_or_path: str | None = None) -> str:
+    """Where to load the processor from: explicit choice, else the model itself, except that a
+    ``-pt`` hub checkpoint (no chat template) takes the processor of its ``-it`` sibling."""
+    if processor_name_or_path:
+        return processor_name_or_path
+    if not Path(model_name_or_path).exists() and model_name_or_path.endswith("-pt"):
+        return model_name_or_path[: -len("-pt")] + "-it"
+    return model_name_or_path
+
+
+def load_processor(model_name_or_path: str, processor_name_or_path: str | None = None) -> ProcessorMixin:
+    source = processor_id_for(model_name_or_path, processor_name_or_path)
+    processor = AutoProcessor.from_pretrained(source)
+    if processor.chat_template is None:
+        raise ValueError(
+            f"the processor from {source} has no chat template; pass --processor_name_or_path with the "
+            "instruction-tuned model (e.g. google/gemma-3-4b-it)"
+        )
+    return processor
+
+
+def bnb_config(model_args: ModelConfig) -> BitsAndBytesConfig | None:
+    if model_args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if not model_args.load_in_4bit:
+        return None
+    storage = model_args.bnb_4bit_quant_storage or "bfloat16"
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=getattr(torch, storage),
+    )
+
+
+def lora_config(model_args: ModelConfig) -> LoraConfig:
+    modules_to_save = model_args.lora_modules_to_save
+    tied = bool(modules_to_save) and {"lm_head", "embed_tokens"} <= set(modules_to_save)
+    return LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_modules or "all-linear",
+        modules_to_save=modules_to_save,
+        task_type=model_args.lora_task_type,
+        use_rslora=model_args.use_rslora,
+        use_dora=model_args.use_dora,
+        bias="none",
+        # Gemma ties lm_head to embed_tokens: train one shared copy, which merge keeps.
+        ensure_weight_tying=tied,
+    )
+
+
+def device_map_for_process() -> dict[str, int | str] | None:
+    """Each process puts the whole model on its own GPU (DDP); None on CPU."""
+    if not torch.cuda.is_available():
+        return None
+    return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+
+
+def load_training_model(model_args: ModelConfig) -> PreTrainedModel:
+    quantization = bnb_config(model_args)
+    if quantization is not None and not torch.cuda.is_available():
+        logger.info("Loading %s in 4-bit on the CPU (slow; for tests and checks)", model_args.model_name_or_path)
+    model = AutoModelForImageTextToText.from_pretrained(
+        model_args.model_name_or_path,
+        revision=model_args.model_revision,
+        dtype=torch_dtype(model_args.dtype),
+        attn_implementation=model_args.attn_implementation,
+        quantization_config=quantization,
+        device_map=device_map_for_process(),
+    )
+    model.config.use_cache = False  # the KV cache is useless (and warned about) with checkpointing
+    return model

@@ -1,0 +1,146 @@
+"""A tiny random Gemma 3 (model + processor) built offline in seconds.
+
+    python -m radiology.tiny OUT_DIR
+
+Tests, checks and the demo's fallback use it: it has the real architecture, chat template,
+special tokens and image processing of Gemma 3 at toy sizes, so every code path runs without
+a hub download. Its output is meaningless word salad drawn from a small radiology vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import string
+from pathlib import Path
+
+import torch
+from transformers import (
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3ImageProcessorPil,
+    Gemma3Processor,
+    GemmaTokenizer,
+    GenerationConfig,
+)
+
+__all__ = ["TINY_IMAGE_SIZE", "build_tiny_processor", "build_tiny_model", "write_tiny_model"]
+
+TINY_IMAGE_SIZE = 64
+TINY_TOKENS_PER_IMAGE = 4  # k*k with k dividing image/patch = 64/16 = 4
+
+_SPECIAL_TOKENS = [
+    "<pad>", "<eos>", "<bos>", "<unk>", "<mask>",
+    "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>",
+]
+# Words the untrained model samples from, so that the demo shows text rather than byte soup.
+_WORDS = """
+the a of and in with no is are there right left bilateral upper lower lobe lung chest heart
+normal abnormal opacity consolidation effusion pleural nodule mass lesion fracture bone joint
+soft tissue contrast enhancement axial coronal sagittal view image shows demonstrates arrow
+arrows ct mri x-ray radiograph ultrasound scan t1 t2 weighted signal hyperintense hypointense
+liver kidney spleen brain skull spine vertebra rib pelvis femur knee shoulder abdomen
+small large mild moderate severe acute chronic cyst calcification edema fluid air free
+""".split()
+
+
+def _tiny_vocab() -> dict[str, int]:
+    pieces = list(_SPECIAL_TOKENS) + ["\n", "▁"]
+    pieces += [c for c in string.ascii_letters + string.digits + string.punctuation]
+    pieces += ["▁" + w for w in _WORDS]
+    vocab: dict[str, int] = {}
+    for piece in pieces:
+        vocab.setdefault(piece, len(vocab))
+    return vocab
+
+
+def _gemma3_chat_template() -> str:
+    # TRL ships Gemma 3's chat template; the real -it checkpoints carry the same one.
+    from trl.chat_template_utils import gemma3_chat_template
+
+    return gemma3_chat_template
+
+
+def build_tiny_processor() -> Gemma3Processor:
+    """A Gemma 3 processor whose tokenizer needs no download (character-level BPE, real special tokens)."""
+    tokenizer = GemmaTokenizer(
+        vocab=_tiny_vocab(),
+        merges=[],
+        extra_special_tokens={
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+            "image_token": "<image_soft_token>",
+        },
+    )
+    # Registered as special so that they stay single tokens instead of splitting into characters.
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    image_processor = Gemma3ImageProcessorPil(
+        size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    return Gemma3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=_gemma3_chat_template(),
+        image_seq_length=TINY_TOKENS_PER_IMAGE,
+    )
+
+
+def _tiny_config(processor: Gemma3Processor) -> Gemma3Config:
+    tok = processor.tokenizer
+    end_of_turn = tok.convert_tokens_to_ids("<end_of_turn>")
+    return Gemma3Config(
+        text_config=dict(
+            model_type="gemma3_text", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+            layer_types=["sliding_attention", "full_attention"], sliding_window=16,
+            query_pre_attn_scalar=16, max_position_embeddings=2048,
+            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=[tok.eos_token_id, end_of_turn],
+        ),
+        vision_config=dict(
+            model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=2, image_size=TINY_IMAGE_SIZE, patch_size=16, vision_use_head=False,
+        ),
+        mm_tokens_per_image=TINY_TOKENS_PER_IMAGE,
+        boi_token_index=tok.convert_tokens_to_ids(tok.boi_token),
+        eoi_token_index=tok.convert_tokens_to_ids(tok.eoi_token),
+        image_token_index=tok.convert_tokens_to_ids(tok.image_token),
+        eos_token_id=[tok.eos_token_id, end_of_turn],
+    )
+
+
+def build_tiny_model(processor: Gemma3Processor, seed: int = 0) -> Gemma3ForConditionalGeneration:
+    """A randomly initialised Gemma 3 whose special ids match ``processor``'s tokenizer."""
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(_tiny_config(processor)).to(torch.bfloat16)
+    tok = processor.tokenizer
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")],
+        do_sample=False,
+    )
+    return model.eval()
+
+
+def write_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
+    """Build the tiny model and processor and save both to ``out_dir``; returns the folder."""
+    out = Path(out_dir)
+    processor = build_tiny_processor()
+    model = build_tiny_model(processor, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", help="folder to write the tiny model and processor into")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(write_tiny_model(args.out_dir, seed=args.seed))
+
+
+if __name__ == "__main__":
+    main()

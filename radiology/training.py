@@ -1,0 +1,158 @@
+"""Training stage: SFTTrainer set-up, output-folder safety, resume, adapter save, merge.
+
+    python train.py --config recipes/gemma3-4b-qlora.yaml --output_dir runs/r1
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from trl import ModelConfig, SFTConfig, SFTTrainer
+from transformers.trainer_utils import get_last_checkpoint
+
+from radiology.collate import CaptionCollator
+from radiology.config import RadiologyArguments
+from radiology.data import PreparedDataset, load_caption_dataset, prepare_caption_dataset
+from radiology.merge import merge_adapter
+from radiology.modeling import check_bf16_support, load_processor, load_training_model, lora_config
+
+__all__ = ["OutputFolderError", "TrainingOutcome", "build_trainer", "resolve_resume", "run_training"]
+
+logger = logging.getLogger(__name__)
+
+_RESUME_LAST = {"true", "last", "latest", "yes", "1"}
+
+
+class OutputFolderError(FileExistsError):
+    """An output folder that already holds work the command would overwrite."""
+
+
+@dataclass
+class TrainingOutcome:
+    adapter_dir: Path
+    merged_dir: Path | None
+    train_loss: float | None
+    global_step: int
+    rows: int
+
+
+def check_output_dir(output_dir: str, resume: str | None, overwrite: bool) -> None:
+    """Never clobber an earlier run by accident: a folder that already holds checkpoints or an
+    adapter needs --resume_from_checkpoint or --overwrite_output_dir."""
+    folder = Path(output_dir)
+    if resume or overwrite or not folder.is_dir():
+        return
+    existing = sorted(p.name for p in folder.iterdir() if p.name.startswith("checkpoint-"))
+    if (folder / "adapter_config.json").exists():
+        existing.append("adapter_config.json")
+    if existing:
+        raise OutputFolderError(
+            f"{folder} already holds a training run ({', '.join(existing[:3])}). Continue it with "
+            "--resume_from_checkpoint last, pick another --output_dir, or pass --overwrite_output_dir."
+        )
+
+
+def resolve_resume(resume: str | None, output_dir: str) -> str | None:
+    """``last``/``true`` -> the newest checkpoint in output_dir; a path -> that path (checked)."""
+    if resume is None or str(resume).lower() in ("", "false", "none", "no", "0"):
+        return None
+    if str(resume).lower() in _RESUME_LAST:
+        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        if last is None:
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint {resume}: no checkpoint-* folder in {output_dir} to resume from"
+            )
+        return last
+    if not Path(resume).is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such checkpoint folder")
+    return str(resume)
+
+
+def load_training_data(script_args: RadiologyArguments, training_args: SFTConfig) -> PreparedDataset:
+    raw = load_caption_dataset(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config)
+    with PartialState().main_process_first():  # one process validates and caches; the others reuse it
+        prepared = prepare_caption_dataset(
+            raw,
+            image_column=script_args.image_column,
+            caption_column=script_args.caption_column,
+            id_column=script_args.id_column,
+            max_samples=script_args.max_train_samples,
+            num_proc=training_args.dataset_num_proc,
+        )
+    return prepared
+
+
+def build_trainer(
+    script_args: RadiologyArguments,
+    training_args: SFTConfig,
+    model_args: ModelConfig,
+    prepared: PreparedDataset,
+) -> SFTTrainer:
+    processor = load_processor(model_args.model_name_or_path, script_args.processor_name_or_path)
+    model = load_training_model(model_args)
+    collator = CaptionCollator(processor, script_args.instruction, max_length=training_args.max_length)
+    return SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=prepared.dataset,
+        data_collator=collator,
+        processing_class=processor,
+        peft_config=lora_config(model_args) if model_args.use_peft else None,
+    )
+
+
+def _release(*objects: object) -> None:
+    for obj in objects:
+        del obj
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_training(
+    script_args: RadiologyArguments, training_args: SFTConfig, model_args: ModelConfig
+) -> TrainingOutcome:
+    """Fine-tune, save the adapter (and processor) in output_dir, then merge into bf16 weights."""
+    check_bf16_support()
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    check_output_dir(training_args.output_dir, resume, script_args.overwrite_output_dir)
+    merged_dir = Path(script_args.merged_output_dir or Path(training_args.output_dir) / "merged")
+    if script_args.merge and merged_dir.exists() and any(merged_dir.iterdir()) and not script_args.overwrite_output_dir:
+        raise OutputFolderError(
+            f"{merged_dir} already holds a merged model; pick another --merged_output_dir or pass --overwrite_output_dir"
+        )
+
+    prepared = load_training_data(script_args, training_args)
+    trainer = build_trainer(script_args, training_args, model_args, prepared)
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(training_args.output_dir)  # adapter + processor (with chat template)
+    state = PartialState()
+    outcome = TrainingOutcome(
+        adapter_dir=Path(training_args.output_dir),
+        merged_dir=None,
+        train_loss=result.training_loss,
+        global_step=result.global_step,
+        rows=len(prepared.dataset),
+    )
+    if training_args.push_to_hub:
+        trainer.push_to_hub()
+    processor = trainer.processing_class
+    _release(trainer)
+    state.wait_for_everyone()
+    if script_args.merge and model_args.use_peft and state.is_main_process:
+        outcome.merged_dir = merge_adapter(
+            base_model=model_args.model_name_or_path,
+            adapter_dir=training_args.output_dir,
+            output_dir=merged_dir,
+            processor=processor,
+            overwrite=script_args.overwrite_output_dir,
+            device=script_args.merge_device,
+            revision=model_args.model_revision,
+        )
+    state.wait_for_everyone()
+    return outcome

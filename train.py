@@ -1,0 +1,34 @@
+"""Fine-tune Gemma 3 on radiology images with captions (QLoRA), save the adapter, merge it into bf16.
+
+    python train.py --config recipes/gemma3-4b-qlora.yaml --output_dir runs/r1
+    python train.py --config recipes/tiny-cpu.yaml --model_name_or_path /tmp/tiny --dataset_name data/ --output_dir /tmp/run
+
+The adapter lands in OUTPUT_DIR, the merged model in OUTPUT_DIR/merged (or --merged_output_dir).
+Every recipe value can be overridden by a flag; `python train.py --help` lists them all.
+"""
+
+import logging
+import sys
+
+from radiology.config import parse_args
+from radiology.training import run_training
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        script_args, training_args, model_args = parse_args(argv)
+        outcome = run_training(script_args, training_args, model_args)
+    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as err:
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"adapter: {outcome.adapter_dir}")
+    if outcome.merged_dir is not None:
+        print(f"merged model: {outcome.merged_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
