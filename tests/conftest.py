@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny Gemma 3 built offline, seed-schema data, one trained run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.fixtures import write_seed_parquet
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def run_cli(*args: str, cwd: Path = ROOT, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a project command line as a user would, in a fresh interpreter."""
+    result = subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from radiology.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def seed_data_dir(tmp_path_factory) -> Path:
+    return write_seed_parquet(tmp_path_factory.mktemp("data") / "radiology_mini")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_model_dir, seed_data_dir) -> Path:
+    """One real train.py run on the tiny recipe: adapter in the folder, merged model in merged/."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    run_cli("train.py", "--config", "recipes/tiny-cpu.yaml", "--model_name_or_path", str(tiny_model_dir),
+            "--dataset_name", str(seed_data_dir), "--output_dir", str(out))
+    return out
