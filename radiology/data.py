@@ -143,8 +143,11 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or "\\" in name or Path(name).suffix.lower() in _LOCAL_BUILDERS
 
 
-def load_caption_dataset(name: str, split: str, config: str | None = None) -> Dataset:
+def load_caption_dataset(name: str, split: str, config: str | None = None, image_column: str = IMAGE) -> Dataset:
     """One split of a dataset given as a hub id, a local file or a local folder.
+
+    In a local table whose ``image_column`` holds file paths, relative paths are resolved against
+    the table's folder.
 
     Errors name the problem: a path that does not exist, or a split that is not there (listing
     the splits found).
@@ -175,26 +178,23 @@ def load_caption_dataset(name: str, split: str, config: str | None = None) -> Da
         )
     dataset = splits[split]
     if path.is_dir() or path.is_file():
-        dataset = _resolve_relative_image_paths(dataset, path if path.is_dir() else path.parent)
+        dataset = _resolve_relative_image_paths(dataset, image_column, path if path.is_dir() else path.parent)
     return dataset
 
 
-def _resolve_relative_image_paths(dataset: Dataset, root: Path) -> Dataset:
-    """String image columns in local tables hold paths relative to the table's folder."""
-    string_columns = [
-        name for name, feature in dataset.features.items()
-        if isinstance(feature, Value) and feature.dtype in ("string", "large_string") and "image" in name.lower()
-    ]
+def _resolve_relative_image_paths(dataset: Dataset, column: str, root: Path) -> Dataset:
+    feature = dataset.features.get(column)
+    if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
+        return dataset
 
     def absolute(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        for column in string_columns:
-            batch[column] = [
-                None if value is None else str(value if Path(value).is_absolute() else (root / value))
-                for value in batch[column]
-            ]
+        batch[column] = [
+            None if value is None else str(value if Path(value).is_absolute() else root / value)
+            for value in batch[column]
+        ]
         return batch
 
-    return dataset.map(absolute, batched=True) if string_columns else dataset
+    return dataset.map(absolute, batched=True, desc="Resolving image paths")
 
 
 # --------------------------------------------------------------------------- validation

@@ -74,7 +74,9 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
 
 
 def load_training_data(script_args: RadiologyArguments, training_args: SFTConfig) -> PreparedDataset:
-    raw = load_caption_dataset(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config)
+    raw = load_caption_dataset(
+        script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config, script_args.image_column
+    )
     with PartialState().main_process_first():  # one process validates and caches; the others reuse it
         prepared = prepare_caption_dataset(
             raw,
