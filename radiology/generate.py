@@ -294,12 +294,13 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
     )
     try:
+        image = decode_image(args.image)  # a bad image fails in a second, before the model loads
         loaded = load_for_generation(args.model, args.adapter, args.load_in_4bit, args.device)
         if not args.stream:
-            print(generate_text(loaded, args.image, args.instruction, settings, context=args.context))
+            print(generate_text(loaded, image, args.instruction, settings, context=args.context))
             return
         shown = ""
-        for text in stream_text(loaded, args.image, args.instruction, settings, context=args.context):
+        for text in stream_text(loaded, image, args.instruction, settings, context=args.context):
             sys.stdout.write(text[len(shown):])
             sys.stdout.flush()
             shown = text

@@ -112,7 +112,11 @@ def _tiny_config(processor: Gemma3Processor) -> Gemma3Config:
 def build_tiny_model(processor: Gemma3Processor, seed: int = 0) -> Gemma3ForConditionalGeneration:
     """A randomly initialised Gemma 3 whose special ids match ``processor``'s tokenizer."""
     torch.manual_seed(seed)
-    model = Gemma3ForConditionalGeneration(_tiny_config(processor)).to(torch.bfloat16)
+    model = Gemma3ForConditionalGeneration(_tiny_config(processor))
+    # transformers initialises the image projection to zeros (real checkpoints overwrite it); left
+    # at zero, the image would never reach the text model and the vision tower would get no gradient.
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.02)
+    model = model.to(torch.bfloat16)
     tok = processor.tokenizer
     model.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id,

@@ -1,0 +1,116 @@
+"""Training stage in-process: what trains and what stays frozen, attention over images, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import train
+from radiology.config import parse_args
+from radiology.generate import build_inputs
+from radiology.modeling import HardwareError, check_bf16_support
+from radiology.training import OutputFolderError, build_trainer, check_output_dir, load_training_data
+from tests.fixtures import real_images
+
+
+def tiny_args(tiny_model_dir, seed_data_dir, out, *extra):
+    return ["--config", "recipes/tiny-cpu.yaml", "--model_name_or_path", str(tiny_model_dir),
+            "--dataset_name", str(seed_data_dir), "--output_dir", str(out), *extra]
+
+
+def test_lora_and_tied_embedding_train_while_the_base_stays_frozen(tiny_model_dir, seed_data_dir, tmp_path):
+    script, training, model_args = parse_args(tiny_args(tiny_model_dir, seed_data_dir, tmp_path / "o",
+                                                         "--max_steps", "2", "--save_strategy", "no"))
+    trainer = build_trainer(script, training, model_args, load_training_data(script, training))
+    model = trainer.model
+    def raw(p: torch.Tensor) -> torch.Tensor:
+        # Packed NF4 weights stored as bf16 can hold NaN bit patterns: compare the bytes.
+        return p.detach().contiguous().view(torch.uint8).clone()
+
+    before = {n: raw(p) for n, p in model.named_parameters()}
+    packed = {n for n, p in model.named_parameters() if type(p).__name__ == "Params4bit"}
+    trainer.train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("vision_tower" in n and "lora_" in n for n in trainable)
+    assert any("embed_tokens" in n for n in trainable)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(raw(p), before[n])}
+    assert changed and changed <= trainable, f"frozen weights moved: {sorted(changed - trainable)[:3]}"
+    assert any("lora_B" in n and "vision_tower" in n for n in changed), "the vision tower's LoRA must learn"
+    assert any("embed_tokens" in n for n in changed)
+    assert packed and not packed & changed, "the 4-bit base is frozen"
+    # One trained copy of the tied matrix: the head reads the same storage as the embedding.
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    assert head.weight.data_ptr() == embed.weight.data_ptr()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_image_tokens_attend_to_each_other_both_ways(tiny_model_dir, attn):
+    """Gemma 3 attends bidirectionally inside an image block and causally elsewhere."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32,
+                                                        attn_implementation=attn).eval()
+    inputs = build_inputs(processor, real_images()["rgb"], "Describe.")
+    image_positions = (inputs["input_ids"][0] == processor.tokenizer.image_token_id).nonzero().flatten()
+    first, last = int(image_positions[0]), int(image_positions[-1])
+
+    def hidden(perturb_last_image_token: bool) -> torch.Tensor:
+        def bump(module, args, output):
+            if perturb_last_image_token:
+                output = output.clone()
+                output[:, -1] += 1.0  # the last soft token of the image
+            return output
+
+        handle = model.model.multi_modal_projector.register_forward_hook(bump)
+        try:
+            with torch.no_grad():
+                return model(**inputs, output_hidden_states=True).hidden_states[-1][0]
+        finally:
+            handle.remove()
+
+    change = (hidden(False) - hidden(True)).abs().sum(-1)
+    assert change[first] > 1e-3, "the first image token must see the last one (bidirectional)"
+    assert change[first - 1] == 0, "text before the image must not see it (causal)"
+    assert change[last + 2:].min() > 0, "text after the image sees it"
+
+
+def test_gpu_without_bf16_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Tesla T4")
+    with pytest.raises(HardwareError, match="Tesla T4 does not support bfloat16.*Ampere or newer"):
+        check_bf16_support()
+
+
+def test_existing_run_is_never_overwritten_by_accident(tmp_path):
+    (tmp_path / "checkpoint-10").mkdir()
+    with pytest.raises(OutputFolderError, match="checkpoint-10.*--resume_from_checkpoint last.*--overwrite_output_dir"):
+        check_output_dir(str(tmp_path), resume=None, overwrite=False)
+    check_output_dir(str(tmp_path), resume=str(tmp_path / "checkpoint-10"), overwrite=False)
+    check_output_dir(str(tmp_path), resume=None, overwrite=True)
+
+
+def test_existing_merged_model_is_refused_before_training(tiny_model_dir, seed_data_dir, tmp_path, capsys):
+    merged = tmp_path / "out" / "merged"
+    merged.mkdir(parents=True)
+    (merged / "config.json").write_text("{}")
+    assert train.main(tiny_args(tiny_model_dir, seed_data_dir, tmp_path / "out")) == 2
+    assert "already holds a merged model" in capsys.readouterr().err
+    assert (merged / "config.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--caption_column", "findings"], "column 'findings' not found; columns found: image, image_id, caption, cui"),
+    (["--dataset_train_split", "validation"], "splits found: test, train"),
+    (["--resume_from_checkpoint", "last"], "no checkpoint-* folder"),
+])
+def test_bad_input_exits_with_a_clear_error(tiny_model_dir, seed_data_dir, tmp_path, capsys, extra, message):
+    assert train.main(tiny_args(tiny_model_dir, seed_data_dir, tmp_path / "out", *extra)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_wrong_dataset_path_exits_with_a_clear_error(tiny_model_dir, tmp_path, capsys):
+    assert train.main(tiny_args(tiny_model_dir, tmp_path / "missing", tmp_path / "out")) == 2
+    assert "does not exist" in capsys.readouterr().err
