@@ -41,6 +41,9 @@ DEFAULT_INSTRUCTION = "You are an expert radiographer. Describe accurately what 
 
 # Canonical column names after preparation; the collator and evaluation read these.
 IMAGE, CAPTION, IMAGE_ID, CONTEXT = "image", "caption", "image_id", "context"
+# Caption length in characters: what length-grouped batching sorts by (a proxy for tokens that
+# needs no tokenizer; the prompt and image block are the same length for every row).
+LENGTH = "length"
 
 _LOCAL_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 
@@ -281,6 +284,7 @@ def prepare_caption_dataset(
     dropped = Counter(p for p in problems if p)
     if dropped:
         dataset = dataset.select([i for i, p in enumerate(problems) if p is None])
+    dataset = dataset.add_column(LENGTH, [len(str(c)) for c in dataset[CAPTION]])
     prepared = PreparedDataset(dataset=dataset, dropped=dropped)
     logger.info("Dataset: %s", prepared.summary())
     if len(dataset) == 0:

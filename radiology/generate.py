@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ __all__ = [
     "generate_text",
     "load_for_generation",
     "stream_text",
+    "warm_up",
 ]
 
 
@@ -95,6 +97,7 @@ class LoadedModel:
     precision: str
     device: str
     stop_token_ids: list[int] = field(default_factory=list)
+    engine: Any = None  # radiology.engine.DecodeEngine when fast decoding is on
 
 
 def _default_device() -> str:
@@ -108,8 +111,14 @@ def load_for_generation(
     device: str | None = None,
     processor_name_or_path: str | None = None,
     attn_implementation: str | None = None,
+    fast: bool = True,
+    max_batch: int = 4,
 ) -> LoadedModel:
-    """Load a merged folder, a hub id, or a base + LoRA adapter, in bf16 or 4-bit NF4."""
+    """Load a merged folder, a hub id, or a base + LoRA adapter, in bf16 or 4-bit NF4.
+
+    With ``fast`` (the default) generation runs through radiology.engine: a static KV cache,
+    CUDA-graph decode steps on a GPU, and concurrent requests decoded together (up to max_batch).
+    """
     device = device or _default_device()
     if load_in_4bit and device == "cpu":
         # bitsandbytes runs NF4 on CPU, slowly; allowed for checks, said out loud.
@@ -143,7 +152,7 @@ def load_for_generation(
     name = Path(model).name if Path(model).exists() else model
     if adapter:
         name += f" + {Path(adapter).name}"
-    return LoadedModel(
+    result = LoadedModel(
         model=loaded,
         processor=processor,
         name=name,
@@ -151,6 +160,26 @@ def load_for_generation(
         device=str(device),
         stop_token_ids=stop_ids(processor),
     )
+    if fast:
+        from radiology.engine import DecodeEngine
+
+        result.engine = DecodeEngine(result, max_batch=max_batch)
+    return result
+
+
+def warm_up(loaded: LoadedModel, settings: GenerationSettings | None = None) -> float:
+    """Run the first generations now (CUDA-graph capture for every batch size), so the first user
+    does not wait for them; returns the seconds spent."""
+    from PIL import Image
+
+    start = time.perf_counter()
+    inputs = build_inputs(loaded.processor, Image.new("RGB", (64, 64)), DEFAULT_INSTRUCTION)
+    settings = settings or GenerationSettings(max_new_tokens=4)
+    if loaded.engine is not None:
+        loaded.engine.warm_up(inputs, settings)
+    else:
+        generate_text(loaded, Image.new("RGB", (64, 64)), settings=settings)
+    return time.perf_counter() - start
 
 
 def build_inputs(
@@ -219,6 +248,9 @@ def generate_text(
     settings = settings or GenerationSettings()
     inputs = build_inputs(loaded.processor, image, instruction, context)
     prompt_length = inputs["input_ids"].shape[1]
+    if loaded.engine is not None and loaded.engine.fits(prompt_length):
+        ids = loaded.engine.generate_ids(inputs, settings, stop)
+        return loaded.processor.decode(ids, skip_special_tokens=True).strip()
     _seed(settings)
     with torch.inference_mode():
         output = loaded.model.generate(**_generate_kwargs(loaded, inputs, settings, stop))
@@ -238,6 +270,9 @@ def stream_text(
     settings = settings or GenerationSettings()
     stop = stop or threading.Event()
     inputs = build_inputs(loaded.processor, image, instruction, context)
+    if loaded.engine is not None and loaded.engine.fits(inputs["input_ids"].shape[1]):
+        yield from loaded.engine.stream(inputs, settings, stop)
+        return
     streamer = TextIteratorStreamer(
         loaded.processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600
     )

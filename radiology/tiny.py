@@ -60,10 +60,30 @@ def _gemma3_chat_template() -> str:
     return gemma3_chat_template
 
 
-def build_tiny_processor() -> Gemma3Processor:
-    """A Gemma 3 processor whose tokenizer needs no download (character-level BPE, real special tokens)."""
+def _published_vocab(vocab_size: int) -> dict[str, int]:
+    """A vocabulary with Gemma 3's published special-token ids and size: the text is still
+    character-level, but every id, the image block and the 262k-row head have the real shapes."""
+    fixed = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4, "<start_of_turn>": 105,
+             "<end_of_turn>": 106, "\n": 107, "<start_of_image>": 255999, "<end_of_image>": 256000,
+             "<image_soft_token>": 262144}
+    characters = ["▁", *string.ascii_letters, *string.digits, *string.punctuation]
+    fixed.update({c: 300 + i for i, c in enumerate(characters)})
+    fixed.update({"▁" + w: 1000 + i for i, w in enumerate(_WORDS)})
+    taken = set(fixed.values())
+    vocab = dict(fixed)
+    vocab.update({f"<unused{i}>": i for i in range(vocab_size) if i not in taken})
+    return vocab
+
+
+def build_tiny_processor(
+    image_size: int = TINY_IMAGE_SIZE,
+    tokens_per_image: int = TINY_TOKENS_PER_IMAGE,
+    vocab_size: int | None = None,
+) -> Gemma3Processor:
+    """A Gemma 3 processor whose tokenizer needs no download (character-level BPE, real special
+    tokens). With ``vocab_size`` the special tokens sit at Gemma 3's published ids."""
     tokenizer = GemmaTokenizer(
-        vocab=_tiny_vocab(),
+        vocab=_published_vocab(vocab_size) if vocab_size else _tiny_vocab(),
         merges=[],
         extra_special_tokens={
             "boi_token": "<start_of_image>",
@@ -74,7 +94,7 @@ def build_tiny_processor() -> Gemma3Processor:
     # Registered as special so that they stay single tokens instead of splitting into characters.
     tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
     image_processor = Gemma3ImageProcessorPil(
-        size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
+        size={"height": image_size, "width": image_size},
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     )
@@ -82,7 +102,7 @@ def build_tiny_processor() -> Gemma3Processor:
         image_processor=image_processor,
         tokenizer=tokenizer,
         chat_template=_gemma3_chat_template(),
-        image_seq_length=TINY_TOKENS_PER_IMAGE,
+        image_seq_length=tokens_per_image,
     )
 
 
@@ -93,7 +113,7 @@ def _tiny_config(processor: Gemma3Processor) -> Gemma3Config:
         text_config=dict(
             model_type="gemma3_text", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-            layer_types=["sliding_attention", "full_attention"], sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"], sliding_window=512,
             query_pre_attn_scalar=16, max_position_embeddings=2048,
             pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=[tok.eos_token_id, end_of_turn],
         ),

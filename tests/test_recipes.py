@@ -36,7 +36,9 @@ def test_defaults_without_a_recipe_are_the_seed_recipe(tmp_path):
     lora = lora_config(model)
     assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (16, 16, 0.05)
     assert lora.target_modules == "all-linear" and lora.ensure_weight_tying
-    assert (training.num_train_epochs, training.per_device_train_batch_size, training.gradient_accumulation_steps) == (1, 1, 4)
+    assert training.num_train_epochs == 1
+    # The seed's 4 samples per optimizer step, taken as one micro-batch of 4.
+    assert training.per_device_train_batch_size * training.gradient_accumulation_steps == 4
     assert training.activation_checkpointing and training.activation_checkpointing_kwargs == {"use_reentrant": False}
     assert training.optim == "adamw_torch_fused" and training.learning_rate == 2e-4 and training.max_grad_norm == 0.3
     assert training.warmup_steps == 0.03 and training.lr_scheduler_type == "constant_with_warmup"
