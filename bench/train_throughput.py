@@ -294,6 +294,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--checkpoint", default=None, help="model folder (default: built under /tmp)")
     parser.add_argument("--extra", default="", help="extra train.py flags for the default variant")
+    parser.add_argument("--budget_s", type=float, default=float("inf"), help="skip variants after this long")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     import peft
@@ -305,13 +306,16 @@ def main() -> None:
     t0 = time.perf_counter()
     checkpoint = Path(args.checkpoint or f"/tmp/gemma3-{args.size}")
     write_random_gemma3(args.size, checkpoint)
-    data = synthetic_dataset(Path("/tmp/bench-data"), rows=256)
+    data = synthetic_dataset(checkpoint.parent / "bench-data", rows=256)
     tokens_per_sample, labels_per_sample = token_stats(checkpoint, data)
     log({"setup_s": round(time.perf_counter() - t0, 1), "tokens_per_sample": round(tokens_per_sample, 1),
          "label_tokens_per_sample": round(labels_per_sample, 1)})
     ceiling = None
     rows = []
     for name in args.variants.split(","):
+        if time.perf_counter() - t0 > args.budget_s:
+            log({"variant": name, "skipped": "time budget"})
+            continue
         try:
             if name == "ceiling":
                 ceiling = matmul_tflops()
