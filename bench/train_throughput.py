@@ -241,6 +241,42 @@ def token_stats(checkpoint: Path, data: Path) -> tuple[float, float]:
     return tokens, labels
 
 
+def profile_default(checkpoint: Path, data: Path, steps: int = 3) -> None:
+    """A torch.profiler trace of the default path's steady state: where the step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    from radiology.config import parse_args
+    from radiology.training import build_trainer, load_training_data
+
+    reset_memory()
+    argv = ["--config", str(ROOT / "recipes" / "gemma3-4b-qlora.yaml"), "--model_name_or_path", str(checkpoint),
+            "--processor_name_or_path", str(checkpoint), "--dataset_name", str(data),
+            "--output_dir", "/tmp/bench-run", "--overwrite_output_dir", "true", "--max_train_samples", "100000",
+            "--max_steps", str(2 + steps), "--save_strategy", "no", "--report_to", "none", "--merge", "false"]
+    script, training, model_args = parse_args(argv)
+    trainer = build_trainer(script, training, model_args, load_training_data(script, training))
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+
+    class Window(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                prof.__enter__()
+
+    trainer.add_callback(Window())
+    trainer.train()
+    torch.cuda.synchronize()
+    prof.__exit__(None, None, None)
+    averages = prof.key_averages()
+    (OUT / "profile_cuda.txt").write_text(averages.table(sort_by="cuda_time_total", row_limit=40))
+    (OUT / "profile_cpu.txt").write_text(averages.table(sort_by="cpu_time_total", row_limit=40))
+    cuda_busy = sum(e.self_device_time_total for e in averages) / 1e6
+    log({"profile": {"steps": steps, "gpu_busy_s": round(cuda_busy, 2),
+                     "wall_s_per_step_note": "compare gpu_busy_s/steps with the measured s/step"}})
+    del trainer
+    reset_memory()
+
+
 def loss_agreement(checkpoint: Path, batches: list[dict]) -> dict:
     """Seed path vs project path on identical batches at initialisation (LoRA B = 0, so both are
     the base model): the loss must agree within bf16 tolerance."""
@@ -280,6 +316,8 @@ VARIANTS = {
     "default": ("gemma3-4b-qlora.yaml", []),
     "recipe_1x4": ("gemma3-4b-qlora.yaml", ["--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "4"]),
     "no_ckpt": ("gemma3-4b-qlora.yaml", ["--activation_checkpointing", "false"]),
+    "ckpt_all": ("gemma3-4b-qlora.yaml", ["--checkpointing_scope", "all"]),
+    "ckpt_text": ("gemma3-4b-qlora.yaml", ["--checkpointing_scope", "text"]),
     "bs8": ("gemma3-4b-qlora.yaml", ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1"]),
     "bs16": ("gemma3-4b-qlora.yaml", ["--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "1"]),
     "fast": ("gemma3-4b-qlora-fast.yaml", []),
@@ -320,6 +358,9 @@ def main() -> None:
             if name == "ceiling":
                 ceiling = matmul_tflops()
                 log({"bf16_matmul_tflops": round(ceiling, 1)})
+                continue
+            if name == "profile":
+                profile_default(checkpoint, data)
                 continue
             if name == "agreement":
                 log({"agreement": loss_agreement(checkpoint, fixed_batches(checkpoint, data, 4, 1))})

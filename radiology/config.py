@@ -88,6 +88,11 @@ class RadiologyArguments:
         default="auto",
         metadata={"help": "Device for the bf16 merge: auto (GPU if it fits, else CPU), cpu or cuda."},
     )
+    checkpointing_scope: str = field(
+        default="vision",
+        metadata={"help": "With activation checkpointing on: which layers recompute their activations: all, "
+                          "vision (the SigLIP tower, ~3/4 of the activations; the text model keeps its own) or text."},
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing into an output folder that already holds a run."}
     )
@@ -95,6 +100,8 @@ class RadiologyArguments:
     def __post_init__(self) -> None:
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise ValueError("--max_train_samples must be at least 1 (or omitted for the whole split)")
+        if self.checkpointing_scope not in ("all", "vision", "text"):
+            raise ValueError("--checkpointing_scope must be all, vision or text")
         if self.merge_device not in ("auto", "cpu", "cuda"):
             raise ValueError("--merge_device must be auto, cpu or cuda")
 
