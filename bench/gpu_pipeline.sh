@@ -5,7 +5,7 @@
 set -euo pipefail
 model=$1 data=$2 out=${3:-.cache/run4b}
 python3 train.py --config recipes/gemma3-4b-qlora.yaml --model_name_or_path "$model" --processor_name_or_path "$model" \
-  --dataset_name "$data" --output_dir "$out" --max_steps 24 --logging_steps 4 --report_to none --overwrite_output_dir true
+  --dataset_name "$data" --output_dir "$out" --max_steps 24 --logging_steps 4 --save_strategy steps --save_steps 24 --report_to none --overwrite_output_dir true
 python3 - "$out" <<'PY'
 import json, sys, glob
 state = json.load(open(sorted(glob.glob(sys.argv[1] + "/checkpoint-*/trainer_state.json"))[-1]))
