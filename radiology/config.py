@@ -89,7 +89,7 @@ class RadiologyArguments:
         metadata={"help": "Device for the bf16 merge: auto (GPU if it fits, else CPU), cpu or cuda."},
     )
     checkpointing_scope: str = field(
-        default="vision",
+        default="all",
         metadata={"help": "With activation checkpointing on: which layers recompute their activations: all, "
                           "vision (the SigLIP tower, ~3/4 of the activations; the text model keeps its own) or text."},
     )
