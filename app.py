@@ -314,7 +314,7 @@ def _examples_gallery(upload: gr.File) -> None:
         return
     gallery = gr.Gallery(
         [(e["path"], e["caption"]) for e in examples], label="Examples: click one to use it", columns=4,
-        height=180, allow_preview=False, interactive=False, elem_id="examples",
+        height=180, allow_preview=False, interactive=False, object_fit="contain", elem_id="examples",
     )
     gr.Markdown(
         "Example images are public DICOM test images bundled with pydicom (NEMA WG04 and GDCM samples); "
@@ -346,9 +346,9 @@ def _decoding_controls(config: AppConfig) -> DecodingControls:
     defaults = GenerationSettings()
     with gr.Accordion("Decoding", open=False):
         mode = gr.Radio([("Greedy (deterministic)", "greedy"), ("Sampling", "sampling")], value="greedy",
-                        label="Decoding")
+                        label="Method")
         max_new_tokens = gr.Slider(1, config.max_new_tokens, value=min(defaults.max_new_tokens, config.max_new_tokens),
-                                   step=1, label="Max new tokens")
+                                   step=1, label="Max new tokens", elem_id="max-new-tokens")
         with gr.Group(visible=False) as sampling_only:
             temperature = gr.Slider(0.05, 2.0, value=defaults.temperature, step=0.05, label="Temperature")
             top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.01, label="Top-p")
