@@ -362,7 +362,7 @@ def _decoding_controls(config: AppConfig) -> DecodingControls:
 def build_demo(served: DemoModel, config: AppConfig | None = None, stops: StopRegistry | None = None) -> gr.Blocks:
     """The whole UI for one served model. Launch it with ``launch(demo, config)``."""
     config = config or AppConfig()
-    stops = stops or StopRegistry()
+    stops = StopRegistry() if stops is None else stops  # (an empty registry is falsy: it has a length)
     loaded = served.loaded
     # Uploads (and previews made from them) are deleted from Gradio's cache once upload_ttl old.
     delete_cache = (min(60, config.upload_ttl), config.upload_ttl)

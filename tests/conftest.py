@@ -69,8 +69,8 @@ def free_port() -> int:
 class RunningApp:
     """The demo served in this process on a free port, and what it serves."""
 
-    def __init__(self, served, config, demo):
-        self.served, self.config, self.demo = served, config, demo
+    def __init__(self, served, config, demo, stops):
+        self.served, self.config, self.demo, self.stops = served, config, demo, stops
         self.url = f"http://127.0.0.1:{config.port}/"
 
     def client(self):
@@ -85,13 +85,14 @@ class RunningApp:
 def start_app(cache_dir: Path, **options) -> RunningApp:
     """Build and launch the demo on the tiny model, as `python app.py` does without a model."""
     import app
-    from radiology.serve import load_for_demo
+    from radiology.serve import StopRegistry, load_for_demo
 
     served = load_for_demo(None, cache_dir=cache_dir)
     config = app.AppConfig(host="127.0.0.1", port=free_port(), **options)
-    demo = app.build_demo(served, config)
+    stops = StopRegistry()
+    demo = app.build_demo(served, config, stops=stops)
     app.launch(demo, config, prevent_thread_lock=True, quiet=True)
-    return RunningApp(served, config, demo)
+    return RunningApp(served, config, demo, stops)
 
 
 @pytest.fixture(scope="session")

@@ -285,6 +285,12 @@ def test_uploads_are_deleted_from_the_cache(fault_server, tmp_path):
 # --------------------------------------------------------------------------- python app.py
 
 
+def test_require_model_exits_with_the_reason_instead_of_serving_the_tiny_model(tmp_path, capsys):
+    missing = str(tmp_path / "no-such-model")
+    assert app.main(["--model", missing, "--require_model", "--cache_dir", str(tmp_path)]) == 2
+    assert f"error: {missing} could not be loaded" in capsys.readouterr().err
+
+
 def test_python_app_py_starts_on_the_tiny_model_and_answers(tmp_path):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RADIOLOGY_PORT": str(port), "RADIOLOGY_HOST": "127.0.0.1",
@@ -302,12 +308,18 @@ def test_python_app_py_starts_on_the_tiny_model_and_answers(tmp_path):
         assert "Running on local URL" in log.read_text(), log.read_text()
         from gradio_client import Client
 
-        text, about = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
-            *generate_args(EXAMPLE, max_new_tokens=8), api_name="/generate")
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        text, about = client.predict(*generate_args(EXAMPLE, max_new_tokens=8), api_name="/generate")
         assert text.strip() and "tiny demo model" in about
+        # A broken upload whose name carries a (made-up) patient's identity.
+        broken = tmp_path / "DOE_JOHN_19570312.png"
+        broken.write_bytes(b"not an image")
+        with pytest.raises(AppError):
+            client.predict(*generate_args(broken), api_name="/generate")
         output = log.read_text()
         assert "serving the tiny demo model" in output and "meaningless" in output
-        assert "ct_axial" not in output  # nothing about the upload reaches the log
+        # Nothing about the uploads (names, content) reaches the log.
+        assert "ct_axial" not in output and "DOE_JOHN" not in output and "not an image" not in output
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -30,6 +30,17 @@ def browser():
         chromium.close()
 
 
+def _start_long_generation(page, image: Path) -> None:
+    page.locator("#upload input[type=file]").set_input_files(str(image))
+    page.locator("#preview img").wait_for(state="visible", timeout=30_000)
+    # A long answer, so that Stop (or closing the tab) lands while it is still being written.
+    page.get_by_text("Decoding", exact=True).first.click()
+    tokens = page.locator("#max-new-tokens input[type=number]")
+    tokens.fill("1000")
+    tokens.press("Enter")
+    page.locator("#generate").click()
+
+
 def test_upload_generate_read_streamed_text_and_stop(browser, app_server, tmp_path):
     page = browser.new_page(viewport={"width": 1280, "height": 1100})
     page.goto(app_server.url)
@@ -39,15 +50,7 @@ def test_upload_generate_read_streamed_text_and_stop(browser, app_server, tmp_pa
     assert page.locator("#demo-model-notice").is_visible()
     assert "tiny demo model (random weights)" in page.locator("#model-panel").inner_text()
 
-    page.locator("#upload input[type=file]").set_input_files(str(ROOT / "assets" / "mr_abdomen.png"))
-    page.locator("#preview img").wait_for(state="visible", timeout=30_000)
-
-    # A long answer, so that Stop lands while it is still being written.
-    page.get_by_text("Decoding", exact=True).first.click()
-    tokens = page.locator("#max-new-tokens input[type=number]")
-    tokens.fill("1000")
-    tokens.press("Enter")
-    page.locator("#generate").click()
+    _start_long_generation(page, ROOT / "assets" / "mr_abdomen.png")
     answer = page.locator("#answer textarea")
     seen: list[str] = []
     deadline = time.monotonic() + 120
@@ -83,3 +86,19 @@ def test_picking_an_example_fills_the_upload_and_preview(browser, app_server):
     page.locator("#preview img").wait_for(state="visible", timeout=30_000)
     assert "ct_axial" in page.locator("#upload").inner_text()
     page.close()
+
+
+def test_closing_the_tab_ends_its_generation(browser, app_server):
+    page = browser.new_page()
+    page.goto(app_server.url)
+    page.locator("#disclaimer").wait_for(state="visible", timeout=60_000)
+    _start_long_generation(page, ROOT / "assets" / "ct_axial.png")
+    deadline = time.monotonic() + 120
+    while not page.locator("#answer textarea").input_value() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(app_server.stops) == 1, "the generation should be running"
+    page.close()
+    deadline = time.monotonic() + 30
+    while len(app_server.stops) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(app_server.stops) == 0, "closing the tab should have ended the generation"
