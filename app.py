@@ -187,6 +187,8 @@ def settings_from_ui(
         raise ValueError(f"decoding must be 'greedy' or 'sampling', got {mode!r}")
     if max_new_tokens is None or not 1 <= int(max_new_tokens) <= max_new_tokens_limit:
         raise ValueError(f"max new tokens must be between 1 and {max_new_tokens_limit}")
+    if seed is not None and seed != "" and not 0 <= int(seed) < 2**32:
+        raise ValueError("the seed must be between 0 and 4294967295, or empty for a random one")
     return GenerationSettings(
         max_new_tokens=int(max_new_tokens),
         do_sample=mode == "sampling",
@@ -423,6 +425,8 @@ def launch(demo: gr.Blocks, config: AppConfig, **overrides: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # httpx logs every request URL at INFO, file URLs included: kept to warnings.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     config = parse_args(argv)
     try:
         served = load_for_demo(config.model, config.adapter, config.load_in_4bit, config.device,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -12,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import gradio as gr
 import pytest
 import torch
 from gradio_client import handle_file
@@ -19,7 +21,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app
-from radiology.serve import read_upload
+from radiology.serve import StopRegistry, read_upload
 from tests.conftest import ROOT, free_port, start_app
 from tests.fixtures import encode, real_images
 
@@ -85,6 +87,30 @@ def test_settings_from_the_controls():
         app.settings_from_ui("beam", 1.0, 0.9, 10, 32, None, 1024)
     with pytest.raises(ValueError, match="temperature"):
         app.settings_from_ui("sampling", 0.0, 0.9, 10, 32, None, 1024)
+    with pytest.raises(ValueError, match="seed must be between 0 and"):
+        app.settings_from_ui("sampling", 1.0, 0.9, 10, 32, -1, 1024)
+
+
+def test_on_zero_gpu_the_gpu_function_gets_only_picklable_arguments(app_server, monkeypatch):
+    calls = []
+
+    class FakeSpaces:  # what ZeroGPU's decorator does that matters here: pickle the call's arguments
+        @staticmethod
+        def GPU(duration):
+            def wrap(fn):
+                def run(*args, **kwargs):
+                    calls.append(duration)
+                    pickle.dumps((args, kwargs))  # sent to a worker process on ZeroGPU
+                    yield from fn(*args, **kwargs)
+                return run
+            return wrap
+
+    monkeypatch.setattr(app, "spaces", FakeSpaces)
+    generate = app.make_generate(app_server.served.loaded, StopRegistry(), app.AppConfig(gpu_duration=33))
+    updates = list(generate(str(EXAMPLE), "Describe.", "greedy", 1.0, 0.95, 64, 8, None,
+                            gr.Request(session_hash="zero")))
+    assert calls == [33]
+    assert updates[-1][0].strip() and "done" in updates[-1][1]
 
 
 def test_examples_are_small_readable_images_with_source_and_licence():
@@ -237,8 +263,8 @@ def test_stop_reaches_only_the_sessions_own_generation(app_server):
 
 @pytest.fixture(scope="module")
 def fault_server(tmp_path_factory):
-    """A second demo whose uploads expire after one second."""
-    running = start_app(tmp_path_factory.mktemp("fault-cache"), upload_ttl=1)
+    """A second demo whose uploads expire after one second and may weigh 200 KB at most."""
+    running = start_app(tmp_path_factory.mktemp("fault-cache"), upload_ttl=1, max_file_size="200kb")
     yield running
     running.close()
 
@@ -268,6 +294,19 @@ def test_other_generation_failures_are_a_clear_message(fault_server, monkeypatch
     monkeypatch.setattr(fault_server.served.loaded.model, "generate", broken)
     with pytest.raises(AppError, match=r"Generation failed \(KeyError\)"):
         fault_server.client().predict(*generate_args(EXAMPLE), api_name="/generate")
+
+
+def test_uploads_over_the_size_limit_are_refused(fault_server, tmp_path):
+    noise = Image.frombytes("L", (700, 700), os.urandom(700 * 700))  # incompressible: ~490 KB as PNG
+    big = tmp_path / "big.png"
+    big.write_bytes(encode(noise, "PNG"))
+    assert big.stat().st_size > 400_000
+    with pytest.raises(ValueError, match="exceeds the maximum file size"):  # checked before sending, and by the server
+        fault_server.client().predict(*generate_args(big), api_name="/generate")
+    small = tmp_path / "small.png"
+    small.write_bytes(encode(noise.resize((100, 100)), "PNG"))
+    text, _ = fault_server.client().predict(*generate_args(small, max_new_tokens=4), api_name="/generate")
+    assert text.strip()
 
 
 def test_uploads_are_deleted_from_the_cache(fault_server, tmp_path):
