@@ -133,7 +133,8 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--device", "RADIOLOGY_DEVICE", str, "cuda or cpu (default: cuda when present)"),
     ("--require_model", "RADIOLOGY_REQUIRE_MODEL", _parse_bool,
      "exit with an error if --model cannot be loaded, instead of serving the tiny demo model"),
-    ("--cache_dir", "RADIOLOGY_CACHE_DIR", str, "where the tiny demo model is built (default: ~/.cache/radiology-gemma)"),
+    ("--cache_dir", "RADIOLOGY_CACHE_DIR", str,
+     "where the tiny demo model is built (default: ~/.cache/radiology-gemma)"),
     ("--host", "RADIOLOGY_HOST", str, "address to listen on (default: Gradio's, 127.0.0.1; 0.0.0.0 for all)"),
     ("--port", "RADIOLOGY_PORT", _positive_int, "port to listen on (default: Gradio's, 7860)"),
     ("--share", "RADIOLOGY_SHARE", _parse_bool, "also serve through a temporary public gradio.live link"),
@@ -142,7 +143,8 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--concurrency", "RADIOLOGY_CONCURRENCY", _positive_int, "generations running at once on the GPU (default 1)"),
     ("--max_queue", "RADIOLOGY_MAX_QUEUE", _positive_int, "requests waiting at most; more are refused (default 16)"),
     ("--max_file_size", "RADIOLOGY_MAX_FILE_SIZE", str, "largest upload, e.g. 20mb (default 20mb)"),
-    ("--max_new_tokens", "RADIOLOGY_MAX_NEW_TOKENS", _positive_int, "upper bound of the max-new-tokens slider (default 1024)"),
+    ("--max_new_tokens", "RADIOLOGY_MAX_NEW_TOKENS", _positive_int,
+     "the largest answer a request may ask for, in tokens (default 1024)"),
     ("--upload_ttl", "RADIOLOGY_UPLOAD_TTL", _positive_int, "seconds an upload stays on the server (default 900)"),
     ("--gpu_duration", "RADIOLOGY_GPU_DURATION", _positive_int, "ZeroGPU seconds reserved per request (default 120)"),
 ]
@@ -205,7 +207,9 @@ def _gpu_function(fn: Callable[..., Iterator[str]], duration: int) -> Callable[.
     return spaces.GPU(duration=duration)(fn) if spaces is not None else fn
 
 
-def make_generate(loaded: LoadedModel, stops: StopRegistry, config: AppConfig) -> Callable[..., Iterator[tuple[str, str]]]:
+def make_generate(
+    loaded: LoadedModel, stops: StopRegistry, config: AppConfig
+) -> Callable[..., Iterator[tuple[str, str]]]:
     """The Generate button's handler for one model: streams (text so far, the line under it)."""
 
     # Only picklable arguments (a key, not the event): on ZeroGPU this runs in a worker process.
@@ -228,15 +232,16 @@ def make_generate(loaded: LoadedModel, stops: StopRegistry, config: AppConfig) -
         try:
             image = read_upload(upload)
             settings = settings_from_ui(mode, temperature, top_p, top_k, max_new_tokens, seed, config.max_new_tokens)
-            if len(instruction or "") > MAX_INSTRUCTION_CHARS:
+            instruction = (instruction or "").strip() or DEFAULT_INSTRUCTION
+            if len(instruction) > MAX_INSTRUCTION_CHARS:
                 raise ValueError(f"the instruction is longer than {MAX_INSTRUCTION_CHARS} characters; shorten it")
-        except ValueError as err:  # UploadError is a ValueError too
+        except (ValueError, TypeError) as err:  # UploadError is a ValueError; TypeError: a missing value
             raise gr.Error(str(err), print_exception=False) from None
         about = f"{loaded.name} · {loaded.precision} · {loaded.device} · {settings.describe()}"
         text, started = "", time.perf_counter()
         with stops.running(request.session_hash) as (key, stop):
             try:
-                with closing(stream_on_gpu(key, image, (instruction or "").strip() or DEFAULT_INSTRUCTION, settings)) as pieces:
+                with closing(stream_on_gpu(key, image, instruction, settings)) as pieces:
                     for text in pieces:
                         yield text, f"{about} · generating…"
             except Exception as err:
