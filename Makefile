@@ -1,5 +1,6 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   installs the runtime and starts the demo (on an embedded tiny model unless MODEL is set)
+#   make demo   installs the runtime and starts the demo (on an embedded tiny model unless
+#               RADIOLOGY_MODEL or ARGS="--model ..." names one)
 #   make test   installs the runtime and test tools and runs the whole test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python

@@ -56,3 +56,48 @@ def trained_run(tmp_path_factory, tiny_model_dir, seed_data_dir) -> Path:
     run_cli("train.py", "--config", "recipes/tiny-cpu.yaml", "--model_name_or_path", str(tiny_model_dir),
             "--dataset_name", str(seed_data_dir), "--output_dir", str(out))
     return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RunningApp:
+    """The demo served in this process on a free port, and what it serves."""
+
+    def __init__(self, served, config, demo, stops):
+        self.served, self.config, self.demo, self.stops = served, config, demo, stops
+        self.url = f"http://127.0.0.1:{config.port}/"
+
+    def client(self):
+        from gradio_client import Client
+
+        return Client(self.url, verbose=False)
+
+    def close(self) -> None:
+        self.demo.close()
+
+
+def start_app(cache_dir: Path, **options) -> RunningApp:
+    """Build and launch the demo on the tiny model, as `python app.py` does without a model."""
+    import app
+    from radiology.serve import StopRegistry, load_for_demo
+
+    served = load_for_demo(None, cache_dir=cache_dir)
+    config = app.AppConfig(host="127.0.0.1", port=free_port(), **options)
+    stops = StopRegistry()
+    demo = app.build_demo(served, config, stops=stops)
+    app.launch(demo, config, prevent_thread_lock=True, quiet=True)
+    return RunningApp(served, config, demo, stops)
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory):
+    """One demo for the tests that only use it (concurrency 1, the default)."""
+    running = start_app(tmp_path_factory.mktemp("app-cache"))
+    yield running
+    running.close()

@@ -1,0 +1,104 @@
+"""The demo in a real browser: Debian's chromium, headless, driven by Playwright."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+import app
+from tests.conftest import ROOT
+
+CHROMIUM = Path("/usr/bin/chromium")
+LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update"]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (make browser installs it)"),
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def _start_long_generation(page, image: Path) -> None:
+    page.locator("#upload input[type=file]").set_input_files(str(image))
+    page.locator("#preview img").wait_for(state="visible", timeout=30_000)
+    # A long answer, so that Stop (or closing the tab) lands while it is still being written.
+    page.get_by_text("Decoding", exact=True).first.click()
+    tokens = page.locator("#max-new-tokens input[type=number]")
+    tokens.fill("1000")
+    tokens.press("Enter")
+    page.locator("#generate").click()
+
+
+def test_upload_generate_read_streamed_text_and_stop(browser, app_server, tmp_path):
+    page = browser.new_page(viewport={"width": 1280, "height": 1100})
+    page.goto(app_server.url)
+    disclaimer = page.locator("#disclaimer")
+    disclaimer.wait_for(state="visible", timeout=60_000)
+    assert app.DISCLAIMER in disclaimer.inner_text()
+    assert page.locator("#demo-model-notice").is_visible()
+    assert "tiny demo model (random weights)" in page.locator("#model-panel").inner_text()
+
+    _start_long_generation(page, ROOT / "assets" / "mr_abdomen.png")
+    answer = page.locator("#answer textarea")
+    seen: list[str] = []
+    deadline = time.monotonic() + 120
+    while len(seen) < 3 and time.monotonic() < deadline:
+        value = answer.input_value()
+        if value and (not seen or value != seen[-1]):
+            seen.append(value)
+        time.sleep(0.05)
+    assert len(seen) >= 3, f"expected the answer to grow in pieces, saw {seen!r}"
+    assert all(later.startswith(earlier) for earlier, later in zip(seen, seen[1:]))
+
+    page.locator("#stop").click()
+    settings_line = page.locator("#answer-settings")
+    page.wait_for_function(
+        "() => /stopped by user|done in/.test(document.querySelector('#answer-settings').innerText)",
+        timeout=60_000,
+    )
+    assert "stopped by user" in settings_line.inner_text()
+    assert answer.input_value().startswith(seen[-1])
+
+    screenshot = tmp_path / "demo.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    assert screenshot.stat().st_size > 10_000
+    print(f"screenshot: {screenshot}")
+    page.close()
+
+
+def test_picking_an_example_fills_the_upload_and_preview(browser, app_server):
+    page = browser.new_page(viewport={"width": 1280, "height": 1100})
+    page.goto(app_server.url)
+    page.locator("#examples img").first.wait_for(state="visible", timeout=60_000)
+    page.locator("#examples img").first.click()
+    page.locator("#preview img").wait_for(state="visible", timeout=30_000)
+    assert "ct_axial" in page.locator("#upload").inner_text()
+    page.close()
+
+
+def test_closing_the_tab_ends_its_generation(browser, app_server):
+    page = browser.new_page()
+    page.goto(app_server.url)
+    page.locator("#disclaimer").wait_for(state="visible", timeout=60_000)
+    _start_long_generation(page, ROOT / "assets" / "ct_axial.png")
+    deadline = time.monotonic() + 120
+    while not page.locator("#answer textarea").input_value() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(app_server.stops) == 1, "the generation should be running"
+    page.close()
+    deadline = time.monotonic() + 30
+    while len(app_server.stops) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(app_server.stops) == 0, "closing the tab should have ended the generation"
