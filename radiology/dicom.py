@@ -37,6 +37,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
+from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply_windowing, pixel_array
 from pydicom.pixels.decoders.base import get_decoder
@@ -46,9 +47,12 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEGExtended12Bit,
+    JPEGTransferSyntaxes,
+    JPEGLSTransferSyntaxes,
 )
 
 from radiology.data import ImageDecodeError
+from radiology.gdcm_worker import GdcmWorkerError, decode_with_gdcm
 
 __all__ = [
     "BURNED_IN_WARNING",
@@ -120,14 +124,23 @@ _DECODER_HINTS: dict[str, str] = {
     "1.2.840.10008.1.2.4.51": "Pillow (8-bit) or " + _INSTALL_GDCM + "; 12-bit samples need " + _INSTALL_LIBJPEG,
     "1.2.840.10008.1.2.4.57": _INSTALL_GDCM,
     "1.2.840.10008.1.2.4.70": _INSTALL_GDCM,
-    "1.2.840.10008.1.2.4.80": _INSTALL_GDCM + ", or pyjpegls (MIT): pip install pyjpegls",
-    "1.2.840.10008.1.2.4.81": _INSTALL_GDCM + ", or pyjpegls (MIT): pip install pyjpegls",
+    "1.2.840.10008.1.2.4.80": "pyjpegls (MIT): pip install pyjpegls, or " + _INSTALL_GDCM,
+    "1.2.840.10008.1.2.4.81": "pyjpegls (MIT): pip install pyjpegls, or " + _INSTALL_GDCM,
     "1.2.840.10008.1.2.4.90": _INSTALL_OPENJPEG,
     "1.2.840.10008.1.2.4.91": _INSTALL_OPENJPEG,
     "1.2.840.10008.1.2.4.201": _INSTALL_OPENJPEG,
     "1.2.840.10008.1.2.4.202": _INSTALL_OPENJPEG,
     "1.2.840.10008.1.2.4.203": _INSTALL_OPENJPEG,
 }
+# GDCM aborts the whole process (a C++ assertion, not an exception) on some damaged JPEG streams
+# and on headers that disagree with their stream. So every other plugin comes first, and GDCM
+# (the only permissive JPEG Lossless decoder) decodes JPEG-family frames only, in a child process
+# (radiology.gdcm_worker), after their frame header has been checked against the DICOM header.
+_SAFE_FIRST = ("pydicom", "pylibjpeg", "pyjpegls", "pillow")
+_GDCM = "gdcm"
+_JPEG_FAMILY = {str(uid) for uid in (*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes)}
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}  # F7: JPEG-LS
+
 # Formats people rename to .dcm by mistake, recognised by their first bytes.
 _SIGNATURES = {
     b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"II*\x00": "a TIFF image",
@@ -759,16 +772,7 @@ def _render(ds: Dataset, ended_early: bool, window: str | tuple[float, float] | 
         _check_native_length(ds, layout, ended_early)
     if ended_early:
         raise TruncatedDicomError("the DICOM file ends before the end of its pixel data (it was cut off); copy it again")
-    try:
-        stored = pixel_array(ds, index=index)
-    except MemoryError:
-        raise DicomTooLargeError("the pixel data does not fit in memory; lower the number of files read at once") from None
-    except Exception as err:  # noqa: BLE001 - decoders raise many types; the message may quote the header
-        name = tsyntax.name if tsyntax.keyword else "the"
-        raise CorruptDicomError(
-            f"the {name} pixel data could not be decoded ({type(err).__name__}); the file is damaged, or its header "
-            "does not match its pixels"
-        ) from None
+    stored = _decode_frame(ds, index, tsyntax, layout)
     if layout.photometric in _MONOCHROME:
         if stored.ndim != 2:
             raise UnsupportedDicomError("the decoded frame does not have the single sample a grayscale image needs")
@@ -789,6 +793,110 @@ def _render(ds: Dataset, ended_early: bool, window: str | tuple[float, float] | 
         frames=layout.frames,
         window=label,
     )
+
+
+def _plugins(tsyntax: UID) -> list[str]:
+    """The installed plugins for ``tsyntax`` in the order to try them ("" lets pydicom choose)."""
+    if not tsyntax.is_encapsulated:
+        return [""]
+    available = get_decoder(tsyntax).available_plugins
+    order = [name for name in _SAFE_FIRST if name in available]
+    if _GDCM in available and str(tsyntax) in _JPEG_FAMILY:
+        order.append(_GDCM)
+    return order
+
+
+def _decode_frame(ds: Dataset, index: int, tsyntax: UID, layout: _Layout) -> np.ndarray:
+    """One frame of stored values, trying the safe plugins first (see _SAFE_FIRST)."""
+    failure: str | None = None
+    plugins = _plugins(tsyntax)
+    if not plugins:
+        raise MissingDecoderError(
+            f"{tsyntax.name} pixel data is only decodable here by GDCM, which is not used for it; install "
+            + _DECODER_HINTS.get(str(tsyntax), "another pydicom pixel-data plugin")
+        )
+    for plugin in plugins:
+        try:
+            if plugin == _GDCM:
+                frame = _check_jpeg_frame(ds, index, layout)
+                return decode_with_gdcm(str(tsyntax), _pixel_module(ds, layout), frame)
+            return pixel_array(ds, index=index, decoding_plugin=plugin)
+        except GdcmWorkerError as err:
+            failure = str(err)
+        except DicomError:
+            raise
+        except MemoryError:
+            raise DicomTooLargeError("the pixel data does not fit in memory; lower the number of files read at once") from None
+        except Exception as err:  # noqa: BLE001 - decoders raise many types; messages may quote the header
+            failure = type(err).__name__
+    name = tsyntax.name if tsyntax.keyword else "the"
+    raise CorruptDicomError(
+        f"the {name} pixel data could not be decoded ({failure}); the file is damaged, or its header does not "
+        "match its pixels"
+    )
+
+
+def _pixel_module(ds: Dataset, layout: _Layout) -> dict[str, Any]:
+    """The Image Pixel values GDCM needs, from checked numbers only: nothing else crosses to its process."""
+    representation = _int_attr(ds, "PixelRepresentation", default=0)
+    planar = _int_attr(ds, "PlanarConfiguration", default=0) if layout.samples > 1 else 0
+    if representation not in (0, 1) or planar not in (0, 1):
+        raise UnsupportedDicomError("the header's Pixel Representation or Planar Configuration must be 0 or 1")
+    pixel: dict[str, Any] = {
+        "Rows": layout.rows, "Columns": layout.columns, "SamplesPerPixel": layout.samples,
+        "PhotometricInterpretation": layout.photometric, "BitsAllocated": layout.bits_allocated,
+        "BitsStored": layout.bits_stored, "HighBit": layout.bits_stored - 1, "PixelRepresentation": representation,
+    }
+    if layout.samples > 1:
+        pixel["PlanarConfiguration"] = planar
+    return pixel
+
+
+def _jpeg_frame_header(stream: bytes) -> tuple[int, int, int, int] | None:
+    """(precision, rows, columns, components) from the SOF segment of a JPEG or JPEG-LS stream."""
+    if stream[:2] != b"\xff\xd8":
+        return None
+    at = 2
+    while at + 4 <= len(stream):
+        if stream[at] != 0xFF:
+            return None
+        marker = stream[at + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            at += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            at += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, or scan data before any frame header
+            return None
+        if marker in _SOF_MARKERS:
+            if at + 10 > len(stream):
+                return None
+            precision, rows, columns, components = struct.unpack(">BHHB", stream[at + 4 : at + 10])
+            return precision, rows, columns, components
+        at += 2 + int.from_bytes(stream[at + 2 : at + 4], "big")
+    return None
+
+
+def _check_jpeg_frame(ds: Dataset, index: int, layout: _Layout) -> bytes:
+    """The compressed frame, refused if its own header disagrees with the DICOM header (GDCM trusts both)."""
+    with _failure_as(CorruptDicomError, "the compressed frame could not be found in the pixel data"):
+        stream = get_frame(ds.PixelData, index, number_of_frames=layout.frames)
+    found = _jpeg_frame_header(stream)
+    if found is None:
+        raise CorruptDicomError("the compressed frame has no readable JPEG frame header; the file is damaged")
+    precision, rows, columns, components = found
+    consistent = (
+        (rows, columns, components) == (layout.rows, layout.columns, layout.samples)
+        and layout.bits_allocated == (8 if precision <= 8 else 16)
+        and layout.bits_stored <= precision  # 12 bits stored in a 16-bit stream is common, the reverse is not
+        and (components == 1 or layout.bits_stored == precision == 8)  # GDCM asserts on anything else in colour
+    )
+    if not consistent:
+        raise CorruptDicomError(
+            "the compressed frame's size, samples or bit depth disagree with the DICOM header; the file is damaged"
+        )
+    return stream
 
 
 def _check_native_length(ds: Dataset, layout: _Layout, ended_early: bool) -> None:

@@ -16,8 +16,10 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
-from pydicom.encaps import generate_frames
+from pydicom.encaps import generate_frames, get_frame
 
+import radiology.dicom
+from radiology import gdcm_worker
 from radiology.data import ImageDecodeError, decode_image
 from radiology.dicom import (
     BURNED_IN_WARNING,
@@ -37,6 +39,7 @@ from radiology.dicom import (
     has_dicom_preamble,
     read_dicom_image,
 )
+from radiology.gdcm_worker import GdcmWorkerError, decode_with_gdcm
 from tests.conftest import ROOT
 from tests.fixtures import SENTINEL, sentinel_hits, set_raw_value, write_sentinel_dicom
 
@@ -415,7 +418,8 @@ def test_command_line_prints_technical_attributes_and_writes_png(tmp_path):
     assert "Modality: CT" in result.stdout and "lung (C -600, W 1500)" in result.stdout
     assert "burned-in" in result.stderr
     assert not sentinel_hits(result.stdout, result.stderr, out.read_bytes())
-    assert Image.open(out).size == (128, 128)
+    with Image.open(out) as written:
+        assert written.size == (128, 128)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -532,3 +536,46 @@ def test_damaged_compressed_data_is_a_clear_error():
     data[start : start + 64] = bytes(64)
     with pytest.raises(CorruptDicomError, match="could not be decoded"):
         read_dicom_image(bytes(data))
+
+
+# --------------------------------------------------------------------------- GDCM in its own process
+
+
+def test_a_stream_that_aborts_gdcm_is_a_clear_error_and_the_next_file_still_decodes():
+    # One byte breaks the marker after the frame header of this JPEG Lossless file; GDCM then
+    # aborts its process (checked below). The reader must survive it and decode the next file.
+    good = Path(dicom_file("SC_rgb_jpeg_gdcm.dcm")).read_bytes()
+    damaged = bytearray(good)
+    damaged[good.index(b"\xff\xd8\xff") + 37] = 0x40
+    frame = get_frame(pydicom.dcmread(io.BytesIO(bytes(damaged))).PixelData, 0, number_of_frames=1)
+    pixel = {"Rows": 100, "Columns": 100, "SamplesPerPixel": 3, "PhotometricInterpretation": "RGB", "BitsAllocated": 8,
+             "BitsStored": 8, "HighBit": 7, "PixelRepresentation": 0, "PlanarConfiguration": 0}
+    with pytest.raises(GdcmWorkerError, match="stopped"):
+        decode_with_gdcm(str(pydicom.uid.JPEGLosslessSV1), pixel, frame)
+    with pytest.raises(CorruptDicomError, match="GDCM stopped"):
+        read_dicom_image(bytes(damaged))
+    assert np.array_equal(np.asarray(read_dicom_image(good).image), stored_values(dicom_file("SC_rgb.dcm"))[0])
+
+
+def test_gdcm_gets_pixel_numbers_only(tmp_path, monkeypatch):
+    seen = []
+
+    def spy(transfer_syntax, pixel, frame, **kwargs):
+        seen.append(repr((transfer_syntax, pixel)))
+        return decode_with_gdcm(transfer_syntax, pixel, frame, **kwargs)
+
+    monkeypatch.setattr(radiology.dicom, "decode_with_gdcm", spy)
+    path = write_sentinel_dicom(tmp_path, source="SC_rgb_jpeg_gdcm.dcm")
+    assert np.array_equal(np.asarray(read_dicom_image(path).image), stored_values(dicom_file("SC_rgb.dcm"))[0])
+    assert len(seen) == 1 and not sentinel_hits(*seen)
+
+
+def test_a_hung_gdcm_child_is_stopped():
+    # A child that never answers stands in for GDCM looping on a hostile stream.
+    worker = gdcm_worker._Worker()
+    hung = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    worker._process = hung
+    with pytest.raises(GdcmWorkerError, match="in time"):
+        worker.decode("1.2.840.10008.1.2.4.70", {}, b"", timeout=0.5)
+    assert hung.poll() is not None and worker._process is None
