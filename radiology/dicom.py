@@ -112,6 +112,32 @@ _KNOWN_PHOTOMETRIC = {
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _CODE_STRING = re.compile(r"[A-Z0-9 _]{1,16}")  # the CS value representation (PS3.5 6.2)
 
+# The attributes shown to the user are shown only when they hold a defined term of the standard,
+# so that text typed into them (a name, a hospital) never reaches the screen. Unknown terms are
+# left out of the list rather than shown.
+_MODALITIES = frozenset("""
+    AR ASMT AU BDUS BI BMD CFM CR CT CTPROTOCOL DG DMS DOC DX ECG EEG EMG EOG EPS ES FID GM HC HD IO IOL
+    IVOCT IVUS KER KO LEN LS M3D MG MR NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PLAN POS PR PT PX
+    REG RESP RF RG RTDOSE RTIMAGE RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SEG SM SMR SR SRF
+    STAIN TEXTUREMAP TG US VA XA XAPROTOCOL XC
+""".split())
+_VIEW_POSITIONS = frozenset("""
+    AP PA LL RL RLD LLD RLO LLO LAO RAO LPO RPO CC FB LM LMO ML MLO SIO ISO XCC XCCL XCCM AT
+""".split())
+_BODY_PARTS = frozenset("""
+    ABDOMEN ABDOMENPELVIS ACJOINT ADRENAL AORTA ANKLE APPENDIX ARM AXILLA BACK BILEDUCT BLADDER BRAIN
+    BREAST BRONCHUS BUTTOCK CALCANEUS CALF CAROTID CEREBELLUM CERVIX CHEEK CHEST CHESTABDOMEN
+    CHESTABDPELVIS CIRCLEOFWILLIS CLAVICLE COCCYX COLON CORNEA CORONARYARTERY CSPINE CTSPINE DUODENUM
+    EAR ELBOW ESOPHAGUS EXTREMITY EYE EYELID FACE FEMUR FINGER FOOT FOREARM GALLBLADDER HAND HEAD
+    HEADNECK HEART HIP HUMERUS IAC ILEUM ILIUM JAW JEJUNUM KIDNEY KNEE LARYNX LEG LIVER LSPINE LSSPINE
+    LUNG MAXILLA MEDIASTINUM MOUTH NECK NECKCHEST NECKCHESTABDOMEN NECKCHESTABDPELV NOSE ORBIT OVARY
+    PANCREAS PAROTID PATELLA PELVIS PENIS PHARYNX PROSTATE RECTUM RIB SACRUM SCALP SCAPULA SCLERA SCROTUM
+    SELLA SHOULDER SKULL SPINE SPLEEN SSPINE STERNUM STOMACH SUBMANDIBULAR TESTIS THIGH THORAX THUMB
+    THYMUS THYROID TIBIA TLSPINE TMJ TOE TONGUE TRACHEA TSPINE URETER URETHRA UTERUS VAGINA WHOLEBODY
+    WRIST ZYGOMA
+""".split())
+_SHOWN_TERMS = {"Modality": _MODALITIES, "BodyPartExamined": _BODY_PARTS, "ViewPosition": _VIEW_POSITIONS}
+
 # What to install when a transfer syntax has no decoder, chosen for permissive licences.
 _INSTALL_GDCM = "python-gdcm (Apache-2.0; GDCM itself is BSD): pip install python-gdcm"
 _INSTALL_OPENJPEG = "pylibjpeg-openjpeg (MIT): pip install pylibjpeg pylibjpeg-openjpeg"
@@ -706,7 +732,9 @@ def _code_string(ds: Dataset, keyword: str) -> str | None:
 def _attributes(ds: Dataset, layout: _Layout, index: int, window_label: str) -> dict[str, str]:
     attributes: dict[str, str] = {}
     for label, keyword in (("Modality", "Modality"), ("Body part", "BodyPartExamined"), ("View position", "ViewPosition")):
-        if value := _code_string(ds, keyword):
+        value = _code_string(ds, keyword)
+        # Vendors write "WHOLE BODY" or "CHEST_ABDOMEN" for the defined WHOLEBODY and CHESTABDOMEN.
+        if value and value.replace(" ", "").replace("_", "") in _SHOWN_TERMS[keyword]:
             attributes[label] = value
     attributes["Rows x columns"] = f"{layout.rows} x {layout.columns}"
     attributes["Frames"] = str(layout.frames)

@@ -372,6 +372,17 @@ def test_technical_attributes_only():
     assert result.image.size == (1841, 1955)
 
 
+def test_attributes_show_defined_terms_only(tmp_path):
+    # Text typed into a code field (here the planted name) is left out, not shown.
+    typed = write_sentinel_dicom(tmp_path, "typed.dcm", Modality=SENTINEL, BodyPartExamined=SENTINEL, ViewPosition="X1")
+    assert set(read_dicom_image(typed).attributes) == {"Rows x columns", "Frames", "Window"}
+    vendor = write_sentinel_dicom(tmp_path, "vendor.dcm", BodyPartExamined="WHOLE BODY", ViewPosition="LL")
+    assert read_dicom_image(vendor).attributes == {
+        "Modality": "CT", "Body part": "WHOLE BODY", "View position": "LL", "Rows x columns": "128 x 128",
+        "Frames": "1", "Window": "full range (the file gives no usable window)",
+    }
+
+
 def test_burned_in_annotation_is_flagged(tmp_path):
     yes = read_dicom_image(write_sentinel_dicom(tmp_path, "yes.dcm", burned_in_annotation="YES"))
     no = read_dicom_image(write_sentinel_dicom(tmp_path, "no.dcm", burned_in_annotation="NO"))
