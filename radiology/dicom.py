@@ -455,6 +455,11 @@ class _Layout:
         per_sample = max(1, self.bits_allocated // 8)
         return self.rows * self.columns * self.frames * self.samples * per_sample
 
+    @property
+    def frame_work_bytes(self) -> int:
+        # Rendering one frame works on float64 copies of it (rescale, window).
+        return self.rows * self.columns * self.samples * 8
+
 
 def _int_attr(ds: Dataset, keyword: str, default: int | None = None) -> int:
     if keyword not in ds:
@@ -516,9 +521,16 @@ def _layout(ds: Dataset) -> _Layout:
 
 
 def _check_size(layout: _Layout, limit: int) -> None:
+    """Refuse, from the header alone, pixel data whose decoding could exhaust memory: a few bytes of
+    RLE or JPEG can claim gigabytes."""
     if layout.decoded_bytes > limit:
         raise DicomTooLargeError(
             f"the header declares {_size(layout.decoded_bytes)} of pixel data, above the limit of {_size(limit)}; "
+            + _raise_limit_hint()
+        )
+    if layout.frame_work_bytes > limit:
+        raise DicomTooLargeError(
+            f"one frame would need {_size(layout.frame_work_bytes)} to render, above the limit of {_size(limit)}; "
             + _raise_limit_hint()
         )
 

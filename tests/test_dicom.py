@@ -513,12 +513,16 @@ def test_size_guard_runs_before_decoding(tmp_path, monkeypatch):
     with pytest.raises(DicomTooLargeError, match="above the limit of 512.0 MiB") as caught:
         read_dicom_image(hostile)
     assert not sentinel_hits(str(caught.value))
-    small = dicom_file("CT_small.dcm")  # 128 x 128 x 2 bytes = 32 KiB
-    with pytest.raises(DicomTooLargeError, match="declares 32 KiB"):
-        read_dicom_image(Path(small).read_bytes(), max_bytes=128 * 128 * 2 - 1)
-    assert read_dicom_image(Path(small).read_bytes(), max_bytes=128 * 128 * 2).image.size == (128, 128)
+    # One 8-bit 10000 x 10000 frame: 95 MiB declared, but 763 MiB of float64 to render it.
+    wide = write_sentinel_dicom(tmp_path, "wide.dcm", Rows=10000, Columns=10000, BitsAllocated=8, BitsStored=8)
+    with pytest.raises(DicomTooLargeError, match="one frame would need 762.9 MiB to render"):
+        read_dicom_image(wide)
+    small = dicom_file("CT_small.dcm")  # 128 x 128 x 2 bytes = 32 KiB declared, 128 KiB to render
+    with pytest.raises(DicomTooLargeError, match="need 128 KiB to render"):
+        read_dicom_image(Path(small).read_bytes(), max_bytes=128 * 128 * 8 - 1)
+    assert read_dicom_image(Path(small).read_bytes(), max_bytes=128 * 128 * 8).image.size == (128, 128)
     with pytest.raises(DicomTooLargeError, match="the file is 38 KiB"):
-        read_dicom_image(small, max_bytes=128 * 128 * 2)  # a path: its size is checked before reading it
+        read_dicom_image(small, max_bytes=38 * 1024)  # a path: its size is checked before reading it
     monkeypatch.setenv("RADIOLOGY_DICOM_MAX_BYTES", "1000")
     with pytest.raises(DicomTooLargeError):
         decode_image(small)
