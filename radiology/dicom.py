@@ -290,7 +290,11 @@ def _install_log_filter() -> None:
 @contextlib.contextmanager
 def _quiet_pydicom() -> Iterator[list[warnings.WarningMessage]]:
     """Silence pydicom's warnings and log records; yield the warnings for inspection (they tell
-    a truncated file from a complete one), never for display."""
+    a truncated file from a complete one), never for display.
+
+    The log filter is per thread (a context variable); warnings.catch_warnings is process-wide
+    before Python 3.14, so a warning raised by another thread meanwhile is swallowed too.
+    """
     _install_log_filter()
     token = _QUIET.set(True)
     try:
@@ -778,7 +782,8 @@ def read_dicom_image(
 
     ``window``: None or ``"header"`` (the file's VOI LUT or window, else the full range), ``"full"``
     (the frame's full range), a CT preset from WINDOW_PRESETS, or a custom ``(center, width)``.
-    ``frame``: 0-based; None takes the middle frame. ``max_bytes`` caps the declared pixel data
+    ``frame``: 0-based; None takes the middle frame. ``max_bytes`` caps the file's size, the pixel
+    data its header declares and the float copy of the rendered frame, all checked before decoding
     (default: the RADIOLOGY_DICOM_MAX_BYTES environment variable, else 512 MiB).
 
     Raises a DicomError subclass (an ImageDecodeError) naming the cause; ValueError for a window
