@@ -5,6 +5,9 @@ or a local folder that ``datasets.load_dataset`` understands (parquet/JSONL/CSV 
 folder with a ``metadata.csv``/``metadata.jsonl`` giving captions). Image columns may hold images or
 file paths (relative paths are resolved against the dataset's folder).
 
+DICOM files (paths ending in .dcm, or any file with the DICOM marker) are rendered through
+``radiology.dicom`` with the file's own window; header values never reach the dataset or the logs.
+
 Rows are validated once, up front: rows with an empty caption or an image that does not decode are
 dropped and counted, so that training never crashes mid-epoch on one bad file.
 """
@@ -55,6 +58,9 @@ class DatasetError(ValueError):
 class ImageDecodeError(ValueError):
     """An image that cannot be read; the message names the cause."""
 
+    # The short label under which a dropped row is counted (subclasses name their cause).
+    reason = "unreadable image"
+
 
 # --------------------------------------------------------------------------- images
 
@@ -87,8 +93,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def decode_image(value: Any) -> Image.Image:
     """An image from a PIL image, a path, raw bytes, or a ``datasets`` image dict, as 8-bit RGB.
 
-    Raises ImageDecodeError (never a Pillow or OS error) when it cannot be read.
+    DICOM is recognised by its 'DICM' marker, by a ``.dcm`` name, or (for preamble-less files
+    with other names) after Pillow fails, and rendered by ``radiology.dicom`` with the file's own
+    window. Raises ImageDecodeError (never a Pillow, pydicom or OS error) when it cannot be read.
     """
+    # Imported here: radiology.dicom builds on this module's ImageDecodeError.
+    from radiology.dicom import NotDicomError, has_dicom_preamble, read_dicom_image
+
     if isinstance(value, Image.Image):
         return to_rgb(value)
     source: Any
@@ -105,8 +116,12 @@ def decode_image(value: Any) -> Image.Image:
         path = Path(source)
         if not path.is_file():
             raise ImageDecodeError(f"image file not found: {path}")
+        if path.suffix.lower() == ".dcm":
+            return read_dicom_image(path).image  # checks the size before reading the file
         data = path.read_bytes()
         name = path.name
+    if has_dicom_preamble(data):
+        return read_dicom_image(data).image
     try:
         with Image.open(io.BytesIO(data)) as opened:
             opened.load()  # decode fully now: a truncated file fails here, not mid-epoch
@@ -114,7 +129,15 @@ def decode_image(value: Any) -> Image.Image:
     except Image.DecompressionBombError as err:
         raise ImageDecodeError(f"{name} is too large to decode safely ({err})") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ImageDecodeError(f"{name} is not a readable image ({type(err).__name__}: {err})") from err
+        pillow_error = err
+    # Not an image Pillow knows: perhaps DICOM without the preamble and without a .dcm name.
+    try:
+        return read_dicom_image(data).image
+    except NotDicomError:
+        pass
+    raise ImageDecodeError(
+        f"{name} is not a readable image ({type(pillow_error).__name__}: {pillow_error})"
+    ) from pillow_error
 
 
 # --------------------------------------------------------------------------- prompts
@@ -233,8 +256,8 @@ def _row_problem(image: Any, caption: Any) -> str | None:
         return "empty caption"
     try:
         decode_image(image)
-    except ImageDecodeError:
-        return "unreadable image"
+    except ImageDecodeError as err:
+        return err.reason
     return None
 
 

@@ -4,6 +4,7 @@ seed dataset's schema (image, image_id, caption, cui) with planted bad rows."""
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -73,3 +74,98 @@ def write_seed_parquet(folder: Path, splits: dict[str, int] | None = None, bad_r
         rows = seed_rows(n, bad_rows=bad_rows and split == "train")
         Dataset.from_list(rows).cast_column("image", ImageFeature()).to_parquet(str(folder / f"{split}.parquet"))
     return folder
+
+
+# --------------------------------------------------------------------------- DICOM with planted patient data
+
+# A marker planted in every identifying attribute of a test DICOM file. No output, log line or
+# written file may contain it after the file went through the reader, the data loader or the app.
+SENTINEL = "ZZSENTINEL"
+SENTINEL_DATE = "19010203"  # dates cannot hold letters; this one is as unlikely to appear by chance
+
+_IDENTIFYING: dict[str, str] = {
+    "PatientName": f"{SENTINEL}^PATIENT^NAME",
+    "PatientID": f"{SENTINEL}-ID-4711",
+    "PatientBirthDate": SENTINEL_DATE,
+    "PatientAddress": f"1 {SENTINEL} Street",
+    "OtherPatientNames": f"{SENTINEL}^ALIAS",
+    "InstitutionName": f"{SENTINEL} General Hospital",
+    "ReferringPhysicianName": f"{SENTINEL}^DOCTOR",
+    "AccessionNumber": f"{SENTINEL}ACC",
+    "StudyID": f"{SENTINEL}S",
+    "StudyDescription": f"{SENTINEL} chest study",
+    "SeriesDescription": f"{SENTINEL} series",
+    "ImageComments": f"{SENTINEL} comment",
+    "StudyDate": SENTINEL_DATE,
+}
+
+
+def write_sentinel_dicom(
+    folder: Path,
+    name: str = "scan.dcm",
+    source: str = "CT_small.dcm",
+    burned_in_annotation: str | None = None,
+    **overrides: object,
+) -> Path:
+    """Copy a real file from pydicom's test data into ``folder`` with every identifying attribute
+    set to a value holding SENTINEL (see ``sentinel_hits``). ``overrides`` set further attributes
+    by keyword (e.g. ``Rows=0`` for a broken header). Returns the written path."""
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+
+    ds = dcmread(get_testdata_file(source))
+    for keyword, value in _IDENTIFYING.items():
+        setattr(ds, keyword, value)
+    if burned_in_annotation is not None:
+        ds.BurnedInAnnotation = burned_in_annotation
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns, quoting it, when an override is not a valid value
+        for keyword, value in overrides.items():
+            setattr(ds, keyword, value)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    ds.save_as(path)
+    return path
+
+
+def sentinel_hits(*texts: str | bytes) -> list[str]:
+    """The texts (or byte strings) that contain the planted patient data, shortened for a message."""
+    needles = [SENTINEL.lower(), SENTINEL_DATE]
+    hits = []
+    for text in texts:
+        lowered = (text.decode("latin-1") if isinstance(text, bytes) else str(text)).lower()
+        wide = lowered.replace("\x00", "")  # UTF-16 text written by some tools
+        if any(n in lowered or n in wide for n in needles):
+            hits.append(lowered[:200])
+    return hits
+
+
+def files_with_sentinel(root: Path, skip: tuple[Path, ...] = ()) -> list[Path]:
+    """Every file under ``root`` (except those under ``skip``, e.g. the input DICOM files) whose
+    bytes contain the planted patient data."""
+    found = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        if any(path == s or s in path.parents for s in skip):
+            continue
+        if sentinel_hits(path.read_bytes()):
+            found.append(path)
+    return found
+
+
+def set_raw_value(data: bytes, keyword: str, value: bytes) -> bytes:
+    """``data`` (an explicit VR little endian DICOM file) with the first element ``keyword`` given
+    the raw ``value``, bypassing pydicom's checks: how a hostile or broken header is made.
+    Only for elements with a 2-byte length (IS, DS, CS, UI, US, ...)."""
+    import struct
+
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    vr = dictionary_VR(tag)
+    assert vr in ("AE", "AS", "CS", "DA", "DS", "IS", "LO", "PN", "SH", "UI", "US", "SS", "TM"), vr
+    marker = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode()
+    at = data.index(marker)
+    old_length = struct.unpack("<H", data[at + 6 : at + 8])[0]
+    if len(value) % 2:
+        value += b"\x00" if vr == "UI" else b" "
+    return data[: at + 6] + struct.pack("<H", len(value)) + value + data[at + 8 + old_length :]
