@@ -181,9 +181,11 @@ def load_caption_dataset(name: str, split: str, config: str | None = None) -> Da
 
 def _resolve_relative_image_paths(dataset: Dataset, root: Path) -> Dataset:
     """String image columns in local tables hold paths relative to the table's folder."""
+    # Identifier columns (image_id) hold names, not paths: resolving them would mangle the ids.
     string_columns = [
         name for name, feature in dataset.features.items()
         if isinstance(feature, Value) and feature.dtype in ("string", "large_string") and "image" in name.lower()
+        and not (name.lower() == "id" or name.lower().endswith("_id"))
     ]
 
     def absolute(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
