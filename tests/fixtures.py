@@ -73,3 +73,14 @@ def write_seed_parquet(folder: Path, splits: dict[str, int] | None = None, bad_r
         rows = seed_rows(n, bad_rows=bad_rows and split == "train")
         Dataset.from_list(rows).cast_column("image", ImageFeature()).to_parquet(str(folder / f"{split}.parquet"))
     return folder
+
+
+def write_empty_split(folder: Path, split: str) -> Path:
+    """A parquet file in the seed dataset's schema with no rows, as FOLDER/SPLIT.parquet."""
+    from datasets import Dataset, Features, Image as ImageFeature, Sequence, Value
+
+    features = Features({"image": ImageFeature(), "image_id": Value("string"), "caption": Value("string"),
+                         "cui": Sequence(Value("string"))})
+    path = folder / f"{split}.parquet"
+    Dataset.from_dict({name: [] for name in features}, features=features).to_parquet(str(path))
+    return path

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from radiology.data import DatasetError, load_caption_dataset
-from tests.fixtures import write_seed_parquet
+from tests.fixtures import write_empty_split, write_seed_parquet
 
 
 def test_local_folder_keeps_image_ids(seed_data_dir):
@@ -22,15 +22,6 @@ def test_relative_image_paths_still_resolve(tmp_path):
     row = load_caption_dataset(str(tmp_path / "table.csv"), "test")[0]
     assert row["image_path"] == str(tmp_path / "scans" / "a.png")
     assert row["image_id"] == "scan_a"
-
-
-def write_empty_split(folder, split: str) -> None:
-    """A parquet file with the seed schema and no rows."""
-    from datasets import Dataset, Features, Image, Sequence, Value
-
-    features = Features({"image": Image(), "image_id": Value("string"), "caption": Value("string"),
-                         "cui": Sequence(Value("string"))})
-    Dataset.from_dict({name: [] for name in features}, features=features).to_parquet(str(folder / f"{split}.parquet"))
 
 
 def test_empty_split_is_named_and_does_not_block_the_others(tmp_path):
