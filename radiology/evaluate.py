@@ -76,12 +76,14 @@ __all__ = [
     "EvaluationError",
     "Prediction",
     "check_eval_output_dir",
+    "config_from_args",
     "display_name",
     "load_eval_dataset",
     "main",
     "make_parser",
     "predict",
     "run_evaluation",
+    "summary_lines",
 ]
 
 logger = logging.getLogger(__name__)
@@ -555,6 +557,7 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2 with a message on bad input)."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     parser = make_parser()
     args = parser.parse_args(argv)
