@@ -3,7 +3,8 @@
     python train.py --config recipes/gemma3-4b-qlora.yaml --output_dir runs/r1
     python train.py --config recipes/tiny-cpu.yaml --model_name_or_path /tmp/tiny --dataset_name data/ --output_dir /tmp/run
 
-The adapter lands in OUTPUT_DIR, the merged model in OUTPUT_DIR/merged (or --merged_output_dir).
+The adapter lands in OUTPUT_DIR, the merged model in OUTPUT_DIR/merged (or --merged_output_dir), and
+with --evaluate, the merged model's scores against the base in OUTPUT_DIR/eval (or --eval_output_dir).
 Every recipe value can be overridden by a flag; `python train.py --help` lists them all.
 """
 
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"adapter: {outcome.adapter_dir}")
     if outcome.merged_dir is not None:
         print(f"merged model: {outcome.merged_dir}")
+    if outcome.eval_dir is not None:
+        print(f"evaluation: {outcome.eval_dir / 'report.html'}")
     return 0
 
 

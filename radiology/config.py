@@ -96,6 +96,27 @@ class RadiologyArguments:
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing into an output folder that already holds a run."}
     )
+    evaluate: bool = field(
+        default=False,
+        metadata={
+            "help": "After training (and merging), score the model against its base on --eval_split and write "
+            "metrics.json, predictions.jsonl and report.html (see python -m radiology.evaluate)."
+        },
+    )
+    eval_split: str = field(default="test", metadata={"help": "Held-out split to evaluate on."})
+    eval_max_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on the first N rows of --eval_split (default: all)."}
+    )
+    eval_output_dir: str | None = field(
+        default=None, metadata={"help": "Where to write the evaluation (default: OUTPUT_DIR/eval)."}
+    )
+    eval_baseline: str | None = field(
+        default=None, metadata={"help": "Model to compare against (default: --model_name_or_path, the base)."}
+    )
+    eval_batch_size: int = field(default=8, metadata={"help": "Images per generate call during evaluation."})
+    eval_max_new_tokens: int = field(
+        default=128, metadata={"help": "Longest generated caption, in tokens, during evaluation (greedy decoding)."}
+    )
 
     def __post_init__(self) -> None:
         if self.max_train_samples is not None and self.max_train_samples < 1:
@@ -104,6 +125,12 @@ class RadiologyArguments:
             raise ValueError("--checkpointing_scope must be all, vision or text")
         if self.merge_device not in ("auto", "cpu", "cuda"):
             raise ValueError("--merge_device must be auto, cpu or cuda")
+        if self.eval_max_samples is not None and self.eval_max_samples < 1:
+            raise ValueError("--eval_max_samples must be at least 1 (or omitted for the whole split)")
+        if self.eval_batch_size < 1:
+            raise ValueError("--eval_batch_size must be at least 1")
+        if self.eval_max_new_tokens < 1:
+            raise ValueError("--eval_max_new_tokens must be at least 1")
 
 
 def make_parser() -> TrlParser:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ IMAGE, CAPTION, IMAGE_ID, CONTEXT = "image", "caption", "image_id", "context"
 LENGTH = "length"
 
 _LOCAL_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+_EMPTY_SPLIT = re.compile(r'Instruction "([^"]+)" corresponds to no data')
 
 
 class DatasetError(ValueError):
@@ -169,14 +171,29 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or "\\" in name or Path(name).suffix.lower() in _LOCAL_BUILDERS
 
 
+def _load_splits(name: str, split: str, *args: Any, **kwargs: Any) -> Dataset | DatasetDict:
+    """``load_dataset`` for every split; a split with no rows elsewhere does not block this one."""
+    try:
+        return load_dataset(*args, **kwargs)
+    except ValueError as err:
+        # datasets cannot read a split with no rows, and fails the whole load because of it.
+        empty = _EMPTY_SPLIT.search(str(err))
+        if empty is None:
+            raise
+        if empty.group(1) == split:
+            raise DatasetError(
+                f"split {split!r} of {name} is empty (0 rows); choose another with --dataset_train_split "
+                "(training) or --split (evaluation)"
+            ) from err
+        return load_dataset(*args, **kwargs, split=split)
+
+
 def load_caption_dataset(name: str, split: str, config: str | None = None, image_column: str = IMAGE) -> Dataset:
     """One split of a dataset given as a hub id, a local file or a local folder.
 
     In a local table whose ``image_column`` holds file paths, relative paths are resolved against
-    the table's folder.
-
-    Errors name the problem: a path that does not exist, or a split that is not there (listing
-    the splits found).
+    the table's folder. Errors name the problem: a path that does not exist, a split that is not
+    there (listing the splits found), or a split with no rows.
     """
     path = Path(name).expanduser()
     if path.is_file():
@@ -185,24 +202,25 @@ def load_caption_dataset(name: str, split: str, config: str | None = None, image
             raise DatasetError(
                 f"{path} is not a parquet, JSONL or CSV file; give one of those, a folder, or a hub dataset id"
             )
-        splits = load_dataset(builder, data_files={split: str(path)})
+        splits = _load_splits(name, split, builder, data_files={split: str(path)})
     elif path.is_dir():
-        splits = load_dataset(str(path), config)
+        splits = _load_splits(name, split, str(path), config)
     elif _looks_like_path(name):
         raise DatasetError(
             f"dataset path {name} does not exist; pass an existing folder or file, or a hub id such as "
             "unsloth/Radiology_mini"
         )
     else:
-        splits = load_dataset(name, config)
-    if not isinstance(splits, DatasetDict):
-        return splits
-    if split not in splits:
-        raise DatasetError(
-            f"split {split!r} not found in {name}; splits found: {', '.join(sorted(splits))}. "
-            "Choose one with --dataset_train_split (training) or --split (evaluation)."
-        )
-    dataset = splits[split]
+        splits = _load_splits(name, split, name, config)
+    if isinstance(splits, DatasetDict):
+        if split not in splits:
+            raise DatasetError(
+                f"split {split!r} not found in {name}; splits found: {', '.join(sorted(splits))}. "
+                "Choose one with --dataset_train_split (training) or --split (evaluation)."
+            )
+        dataset = splits[split]
+    else:
+        dataset = splits
     if path.is_dir() or path.is_file():
         dataset = _resolve_relative_image_paths(dataset, image_column, path if path.is_dir() else path.parent)
     return dataset

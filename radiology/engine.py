@@ -212,6 +212,24 @@ class DecodeEngine:
             ids.extend(item)
         return ids
 
+    def generate_many(self, prompts: list[dict[str, torch.Tensor]], settings: Any,
+                      stop: threading.Event | None = None) -> list[list[int]]:
+        """New token ids for several prompts, submitted together so that the worker batches them."""
+        stop = stop or threading.Event()
+        requests = [EngineRequest(inputs=p, settings=settings, stop=stop) for p in prompts]
+        self._ensure_worker()
+        for request in requests:
+            self._pending.put(request)
+        results = []
+        for request in requests:
+            ids: list[int] = []
+            while (item := request.out.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                ids.extend(item)
+            results.append(ids)
+        return results
+
     def warm_up(self, inputs: dict[str, torch.Tensor], settings: Any) -> float:
         """Capture every batch size's graph now, so that no user pays for it; returns seconds."""
         start = time.perf_counter()

@@ -1,10 +1,12 @@
-"""Generate stage: image (+ instruction) -> description, whole or streamed. Used by the app,
+"""Generate stage: image (+ instruction) -> description, whole, batched or streamed. Used by the app,
 evaluation and this command line:
 
     python -m radiology.generate --model runs/r1/merged --image chest.png
     python -m radiology.generate --model google/gemma-3-4b-pt --adapter runs/r1 --load_in_4bit --image chest.png --stream
 
-Works from a merged folder, from a base model plus an adapter, and in 4-bit.
+Works from a merged folder, from a base model plus an adapter, and in 4-bit. Batches pad on the
+left, so that every row's answer starts right after its prompt; greedy answers are the same as one
+image at a time.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import argparse
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,9 +42,14 @@ __all__ = [
     "GenerationSettings",
     "LoadedModel",
     "StopSignal",
+    "add_generation_arguments",
+    "build_batch_inputs",
     "build_inputs",
+    "generate_batch",
     "generate_text",
     "load_for_generation",
+    "settings_from_args",
+    "stream_side_by_side",
     "stream_text",
     "warm_up",
 ]
@@ -182,6 +190,35 @@ def warm_up(loaded: LoadedModel, settings: GenerationSettings | None = None) -> 
     return time.perf_counter() - start
 
 
+def _prompt(processor: ProcessorMixin, instruction: str | None, context: str | None) -> str:
+    messages = build_messages(instruction or DEFAULT_INSTRUCTION, context=context)
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def build_batch_inputs(
+    processor: ProcessorMixin,
+    images: Sequence[Image.Image | str | Path],
+    instruction: str | None = None,
+    contexts: Sequence[str | None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Tokenized prompts + pixel values for several images, padded on the left, one prompt per image."""
+    if contexts is None:
+        contexts = [None] * len(images)
+    if len(contexts) != len(images):
+        raise ValueError(f"{len(contexts)} contexts for {len(images)} images: give one per image (or none)")
+    pictures = [decode_image(image if not isinstance(image, Path) else str(image)) for image in images]
+    prompts = [_prompt(processor, instruction, context) for context in contexts]
+    # Left padding: generation appends after the last column, so every prompt must end there.
+    return processor(
+        text=prompts,
+        images=[[picture] for picture in pictures],
+        return_tensors="pt",
+        add_special_tokens=False,
+        padding=True,
+        padding_side="left",
+    )
+
+
 def build_inputs(
     processor: ProcessorMixin,
     image: Image.Image | str | Path,
@@ -189,10 +226,7 @@ def build_inputs(
     context: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Tokenized prompt + pixel values for one image, exactly as the training collator builds prompts."""
-    picture = decode_image(image if not isinstance(image, Path) else str(image))
-    messages = build_messages(instruction or DEFAULT_INSTRUCTION, context=context)
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return processor(text=[prompt], images=[[picture]], return_tensors="pt", add_special_tokens=False)
+    return build_batch_inputs(processor, [image], instruction, [context])
 
 
 class StopSignal(StoppingCriteria):
@@ -236,6 +270,39 @@ def _seed(settings: GenerationSettings) -> None:
             torch.cuda.manual_seed_all(settings.seed)
 
 
+def generate_batch(
+    loaded: LoadedModel,
+    images: Sequence[Image.Image | str | Path],
+    instruction: str | None = None,
+    settings: GenerationSettings | None = None,
+    contexts: Sequence[str | None] | None = None,
+    stop: threading.Event | None = None,
+) -> list[str]:
+    """The model's descriptions of several images in one batch, in order.
+
+    Greedy answers equal those of one image at a time; sampled ones depend on the batch's make-up.
+    """
+    if not images:
+        return []
+    settings = settings or GenerationSettings()
+    if loaded.engine is not None:
+        contexts = list(contexts) if contexts is not None else [None] * len(images)
+        prompts = [build_inputs(loaded.processor, image, instruction, context)
+                   for image, context in zip(images, contexts, strict=True)]
+        if all(loaded.engine.fits(p["input_ids"].shape[1]) for p in prompts):
+            ids = loaded.engine.generate_many(prompts, settings, stop)
+            return [loaded.processor.decode(row, skip_special_tokens=True).strip() for row in ids]
+    inputs = build_batch_inputs(loaded.processor, images, instruction, contexts)
+    prompt_length = inputs["input_ids"].shape[1]  # (B, T): all prompts end at column T (left padding)
+    _seed(settings)
+    with torch.inference_mode():
+        output = loaded.model.generate(**_generate_kwargs(loaded, inputs, settings, stop))
+    # Rows that stopped early are filled with pad, a special token that decoding skips.
+    return [
+        loaded.processor.decode(row[prompt_length:], skip_special_tokens=True).strip() for row in output
+    ]
+
+
 def generate_text(
     loaded: LoadedModel,
     image: Image.Image | str | Path,
@@ -245,16 +312,7 @@ def generate_text(
     stop: threading.Event | None = None,
 ) -> str:
     """The model's description of one image."""
-    settings = settings or GenerationSettings()
-    inputs = build_inputs(loaded.processor, image, instruction, context)
-    prompt_length = inputs["input_ids"].shape[1]
-    if loaded.engine is not None and loaded.engine.fits(prompt_length):
-        ids = loaded.engine.generate_ids(inputs, settings, stop)
-        return loaded.processor.decode(ids, skip_special_tokens=True).strip()
-    _seed(settings)
-    with torch.inference_mode():
-        output = loaded.model.generate(**_generate_kwargs(loaded, inputs, settings, stop))
-    return loaded.processor.decode(output[0, prompt_length:], skip_special_tokens=True).strip()
+    return generate_batch(loaded, [image], instruction, settings, [context], stop)[0]
 
 
 def stream_text(
@@ -302,25 +360,54 @@ def stream_text(
         raise errors[0]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Describe a radiology image with a (fine-tuned) Gemma 3.")
-    parser.add_argument("--model", required=True, help="merged model folder, hub id, or base model for --adapter")
-    parser.add_argument("--image", required=True, help="image file (PNG, JPEG, TIFF, ...)")
-    parser.add_argument("--adapter", default=None, help="LoRA adapter folder to apply to --model")
-    parser.add_argument("--load_in_4bit", action="store_true", help="load the weights in 4-bit NF4")
+def stream_side_by_side(
+    models: Sequence[LoadedModel],
+    image: Image.Image | str | Path,
+    instruction: str | None = None,
+    settings: GenerationSettings | None = None,
+    context: str | None = None,
+    stop: threading.Event | None = None,
+) -> Iterator[list[str]]:
+    """Streams several models' answers to one image with the same prompt and settings.
+
+    The models run one after the other (two at once would share one GPU's time and memory); each
+    item holds every model's text so far, "" for those not started. Setting ``stop`` ends the
+    current model's answer at its next token and skips the rest.
+    """
+    stop = stop or threading.Event()
+    texts = [""] * len(models)
+    for i, loaded in enumerate(models):
+        if stop.is_set():
+            return
+        # stream_text sets its event when it finishes, so each model gets its own; ours is relayed.
+        own = threading.Event()
+        # closing(): a caller that stops listening ends the running generation, not only this loop.
+        with closing(stream_text(loaded, image, instruction, settings, context, own)) as stream:
+            for text in stream:
+                texts[i] = text
+                yield list(texts)
+                if stop.is_set():
+                    own.set()
+        if not texts[i]:
+            yield list(texts)  # an empty answer still shows that this model is done
+
+
+def add_generation_arguments(
+    parser: argparse.ArgumentParser, max_new_tokens: int = 256, seed: int | None = None
+) -> None:
+    """Decoding flags shared by every command that generates (this one, evaluation)."""
     parser.add_argument("--instruction", default=DEFAULT_INSTRUCTION)
-    parser.add_argument("--context", default=None, help="optional clinical context for the prompt")
-    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens)
     parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=None, help="implies --do_sample")
     parser.add_argument("--top_p", type=float, default=0.95)
     parser.add_argument("--top_k", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--stream", action="store_true", help="print the text as it is generated")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--seed", type=int, default=seed)
 
-    settings = GenerationSettings(
+
+def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
+    """GenerationSettings from the flags of ``add_generation_arguments``."""
+    return GenerationSettings(
         max_new_tokens=args.max_new_tokens,
         do_sample=args.do_sample or args.temperature is not None,
         temperature=args.temperature if args.temperature is not None else 1.0,
@@ -328,7 +415,22 @@ def main(argv: list[str] | None = None) -> None:
         top_k=args.top_k,
         seed=args.seed,
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Describe a radiology image with a (fine-tuned) Gemma 3.")
+    parser.add_argument("--model", required=True, help="merged model folder, hub id, or base model for --adapter")
+    parser.add_argument("--image", required=True, help="image file (PNG, JPEG, TIFF, ...)")
+    parser.add_argument("--adapter", default=None, help="LoRA adapter folder to apply to --model")
+    parser.add_argument("--load_in_4bit", action="store_true", help="load the weights in 4-bit NF4")
+    parser.add_argument("--context", default=None, help="optional clinical context for the prompt")
+    add_generation_arguments(parser)
+    parser.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    args = parser.parse_args(argv)
+
     try:
+        settings = settings_from_args(args)
         image = decode_image(args.image)  # a bad image fails in a second, before the model loads
         loaded = load_for_generation(args.model, args.adapter, args.load_in_4bit, args.device)
         if not args.stream:

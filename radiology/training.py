@@ -1,12 +1,14 @@
-"""Training stage: SFTTrainer set-up, output-folder safety, resume, adapter save, merge.
+"""Training stage: SFTTrainer set-up, output-folder safety, resume, adapter save, merge, evaluation.
 
     python train.py --config recipes/gemma3-4b-qlora.yaml --output_dir runs/r1
+    python train.py --config recipes/gemma3-4b-qlora.yaml --output_dir runs/r1 --evaluate
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +21,21 @@ from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from radiology.collate import CaptionCollator
 from radiology.config import RadiologyArguments
-from radiology.data import PreparedDataset, load_caption_dataset, prepare_caption_dataset
+from radiology.data import DatasetError, PreparedDataset, load_caption_dataset, prepare_caption_dataset
+from radiology.evaluate import EvalConfig, EvaluationError, check_eval_output_dir, run_evaluation
+from radiology.generate import GenerationSettings
 from radiology.merge import merge_adapter
 from radiology.modeling import check_bf16_support, load_processor, load_training_model, lora_config
 
-__all__ = ["OutputFolderError", "TrainingOutcome", "build_trainer", "resolve_resume", "run_training"]
+__all__ = [
+    "OutputFolderError",
+    "TrainingOutcome",
+    "build_trainer",
+    "check_evaluation_setup",
+    "evaluation_config",
+    "resolve_resume",
+    "run_training",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +53,7 @@ class TrainingOutcome:
     train_loss: float | None
     global_step: int
     rows: int
+    eval_dir: Path | None = None
 
 
 def check_output_dir(output_dir: str, resume: str | None, overwrite: bool) -> None:
@@ -128,6 +141,61 @@ def build_trainer(
     )
 
 
+def _eval_output_dir(script_args: RadiologyArguments, training_args: SFTConfig) -> Path:
+    return Path(script_args.eval_output_dir or Path(training_args.output_dir) / "eval")
+
+
+def check_evaluation_setup(script_args: RadiologyArguments, training_args: SFTConfig) -> None:
+    """With --evaluate, fail before training (not hours later) on a missing or empty split or a used folder."""
+    split = load_caption_dataset(script_args.dataset_name, script_args.eval_split, script_args.dataset_config)
+    if len(split) == 0:
+        raise DatasetError(
+            f"--eval_split {script_args.eval_split!r} of {script_args.dataset_name} is empty: there is nothing "
+            "to evaluate; choose another split or drop --evaluate"
+        )
+    check_eval_output_dir(_eval_output_dir(script_args, training_args), script_args.overwrite_output_dir)
+
+
+def evaluation_config(
+    script_args: RadiologyArguments, training_args: SFTConfig, model_args: ModelConfig, outcome: TrainingOutcome
+) -> EvalConfig:
+    """The evaluation of a finished run: the merged model (else base + adapter) against the base, in bf16."""
+    model, adapter = str(outcome.adapter_dir), None
+    if outcome.merged_dir is not None:
+        model = str(outcome.merged_dir)
+    elif model_args.use_peft:
+        model, adapter = model_args.model_name_or_path, str(outcome.adapter_dir)
+    return EvalConfig(
+        model=model,
+        adapter=adapter,
+        baseline=script_args.eval_baseline or model_args.model_name_or_path,
+        output_dir=str(_eval_output_dir(script_args, training_args)),
+        processor_name_or_path=script_args.processor_name_or_path,
+        dataset_name=script_args.dataset_name,
+        dataset_config=script_args.dataset_config,
+        split=script_args.eval_split,
+        image_column=script_args.image_column,
+        caption_column=script_args.caption_column,
+        id_column=script_args.id_column,
+        instruction=script_args.instruction,
+        max_samples=script_args.eval_max_samples,
+        batch_size=script_args.eval_batch_size,
+        settings=GenerationSettings(max_new_tokens=script_args.eval_max_new_tokens, seed=training_args.seed),
+        seed=training_args.seed,
+        overwrite=script_args.overwrite_output_dir,
+    )
+
+
+def _rerun_command(config: EvalConfig) -> str:
+    parts = ["python -m radiology.evaluate", "--model", config.model]
+    if config.adapter:
+        parts += ["--adapter", config.adapter]
+    if config.baseline:
+        parts += ["--baseline", config.baseline]
+    parts += ["--dataset_name", config.dataset_name, "--split", config.split, "--output_dir", config.output_dir]
+    return " ".join(shlex.quote(p) if i else p for i, p in enumerate(parts))
+
+
 def _release(*objects: object) -> None:
     for obj in objects:
         del obj
@@ -148,6 +216,9 @@ def run_training(
         raise OutputFolderError(
             f"{merged_dir} already holds a merged model; pick another --merged_output_dir or pass --overwrite_output_dir"
         )
+
+    if script_args.evaluate:
+        check_evaluation_setup(script_args, training_args)
 
     prepared = load_training_data(script_args, training_args)
     trainer = build_trainer(script_args, training_args, model_args, prepared)
@@ -177,4 +248,16 @@ def run_training(
             revision=model_args.model_revision,
         )
     state.wait_for_everyone()
+    # After the last barrier, on the main process only: the other processes are free to exit, and
+    # a long evaluation cannot run into the collective-communication timeout of a barrier.
+    if script_args.evaluate and state.is_main_process:
+        config = evaluation_config(script_args, training_args, model_args, outcome)
+        try:
+            outcome.eval_dir = run_evaluation(config).output_dir
+        except (ValueError, OSError, EvaluationError) as err:
+            raise EvaluationError(
+                f"training finished (adapter in {outcome.adapter_dir}"
+                + (f", merged model in {outcome.merged_dir}" if outcome.merged_dir else "")
+                + f") but the evaluation failed: {err}. Rerun it with: {_rerun_command(config)}"
+            ) from err
     return outcome

@@ -169,3 +169,13 @@ def set_raw_value(data: bytes, keyword: str, value: bytes) -> bytes:
     if len(value) % 2:
         value += b"\x00" if vr == "UI" else b" "
     return data[: at + 6] + struct.pack("<H", len(value)) + value + data[at + 8 + old_length :]
+
+def write_empty_split(folder: Path, split: str) -> Path:
+    """A parquet file in the seed dataset's schema with no rows, as FOLDER/SPLIT.parquet."""
+    from datasets import Dataset, Features, Image as ImageFeature, Sequence, Value
+
+    features = Features({"image": ImageFeature(), "image_id": Value("string"), "caption": Value("string"),
+                         "cui": Sequence(Value("string"))})
+    path = folder / f"{split}.parquet"
+    Dataset.from_dict({name: [] for name in features}, features=features).to_parquet(str(path))
+    return path

@@ -1,0 +1,253 @@
+"""Report stage: one self-contained HTML page from an evaluation's metrics and predictions.
+
+    write_report(Path("eval/report.html"), metrics, rows, groups, thumbnails, rank_metric="rouge_l")
+
+``radiology.evaluate`` calls this. The page loads nothing from anywhere: CSS inline, plots as
+inline SVG, images as downscaled base64 JPEG, so it can be mailed or archived as one file. Every
+piece of text (captions, model output, ids, paths) is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["THUMBNAIL_SIDE", "render_report", "select_examples", "thumbnail_data_uri", "write_report"]
+
+THUMBNAIL_SIDE = 256  # px; large enough to recognise the study, small enough for hundreds in one file
+_PER_IMAGE = {"bleu": ("BLEU", 1), "rouge_l": ("ROUGE-L F", 3), "cider_d": ("CIDEr-D", 3)}
+_DIGITS = {"bleu": 2, "rouge_l": 3, "cider_d": 3, "length_ratio": 3}
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2rem auto;max-width:70rem;padding:0 1rem;
+color:#1d2330;line-height:1.45}
+h1{font-size:1.5rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #d5d9e0;padding-bottom:.2rem}
+table{border-collapse:collapse;margin:.5rem 0}th,td{border:1px solid #d5d9e0;padding:.35rem .6rem;text-align:left;
+vertical-align:top}th{background:#f1f3f6}td.num{font-variant-numeric:tabular-nums;white-space:nowrap}
+td.better{background:#e3f4e6}td.worse{background:#fbe4e4}.note{color:#566074;font-size:.9rem}
+.plots{display:flex;flex-wrap:wrap;gap:1rem}.plot{flex:1 1 20rem;max-width:34rem;margin:0}
+.example{display:flex;gap:1rem;border:1px solid #d5d9e0;border-radius:6px;padding:.75rem;margin:.75rem 0}
+.example img{width:256px;height:256px;object-fit:contain;background:#000;flex:none}
+.example dl{margin:0}.example dt{font-weight:600;margin-top:.3rem}.example dd{margin:0 0 0 .5rem;white-space:pre-wrap}
+.error{color:#a11}
+"""
+
+
+def _esc(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def select_examples(ranking: np.ndarray, count: int, seed: int = 0) -> dict[str, list[int]]:
+    """Positions of the ``count`` best, worst and random images by ``ranking`` (higher is better), disjoint."""
+    ranking = np.asarray(ranking, dtype=np.float64)
+    order = np.argsort(-ranking, kind="stable")  # ties keep dataset order, so the choice is reproducible
+    best = [int(i) for i in order[:count]]
+    worst = [int(i) for i in order[::-1] if int(i) not in best][:count]
+    rest = [i for i in range(len(ranking)) if i not in best and i not in worst]
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(rest, size=min(count, len(rest)), replace=False) if rest and count else []
+    return {"best": best, "worst": worst, "random": sorted(int(i) for i in chosen)}
+
+
+def thumbnail_data_uri(image: Image.Image, max_side: int = THUMBNAIL_SIDE) -> str:
+    """The image downscaled to at most ``max_side`` pixels a side, as a base64 JPEG data URI."""
+    small = image.convert("RGB")
+    small.thumbnail((max_side, max_side))
+    buffer = io.BytesIO()
+    small.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _interval_text(entry: Mapping[str, Any] | None, digits: int, signed: bool = False) -> str:
+    if not entry:
+        return "&ndash;"
+    sign = "+" if signed else ""
+    low, high = entry["ci95"]
+    return f"{entry['value']:{sign}.{digits}f} <span class=note>[{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]</span>"
+
+
+def _summary_table(metrics: Mapping[str, Any]) -> str:
+    roles = list(metrics["models"])
+    confidence = round(metrics["bootstrap"]["confidence"] * 100)
+    head = "".join(f"<th>{_esc(role)}<br><span class=note>{_esc(metrics['models'][role]['name'])}</span></th>" for role in roles)
+    if metrics.get("difference"):
+        head += f"<th>difference (model &minus; baseline)<br><span class=note>paired bootstrap {confidence}%</span></th>"
+    body = []
+    for name, info in metrics["metric_info"].items():
+        digits = _DIGITS.get(name, 3)
+        cells = "".join(
+            f"<td class=num>{_interval_text(metrics['models'][role]['metrics'][name], digits)}</td>" for role in roles
+        )
+        if metrics.get("difference"):
+            diff = metrics["difference"][name]
+            css = ""
+            if info["higher_is_better"] is not None:
+                low, high = diff["ci95"]
+                # Coloured only when the whole interval lies on one side of zero.
+                if low > 0:
+                    css = " better" if info["higher_is_better"] else " worse"
+                elif high < 0:
+                    css = " worse" if info["higher_is_better"] else " better"
+            cells += f"<td class='num{css}'>{_interval_text(diff, digits, signed=True)}</td>"
+        body.append(f"<tr><th scope=row>{_esc(info['label'])}<br><span class=note>{_esc(info['scale'])}</span></th>{cells}</tr>")
+    return (
+        f"<table id=summary><thead><tr><th>metric</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+        f"<p class=note>Value [{confidence}% bootstrap interval over images, {metrics['bootstrap']['resamples']} "
+        "resamples]. A difference is shaded when its whole interval lies on one side of zero.</p>"
+    )
+
+
+def _bar_svg(values: Sequence[float], labels: Sequence[str], title: str, centred: bool) -> str:
+    """Sorted per-image values as bars; centred=True draws a zero line in the middle (differences)."""
+    width, height, pad, left = 480, 180, 28, 48  # left: room for the axis labels
+    order = np.argsort(np.asarray(values, dtype=np.float64), kind="stable")
+    top = max((abs(float(v)) for v in values), default=0.0) or 1.0
+    plot_h = height - 2 * pad
+    zero_y = pad + plot_h / 2 if centred else height - pad
+    scale = (plot_h / 2 if centred else plot_h) / top
+    step = (width - left - pad) / max(len(values), 1)
+    bars = []
+    for slot, i in enumerate(order):
+        value = float(values[i])
+        bar_h = abs(value) * scale
+        y = zero_y - bar_h if value >= 0 else zero_y
+        colour = "#3a8f4b" if value > 0 else ("#c0392b" if value < 0 else "#8a93a3")
+        bars.append(
+            f"<rect x='{left + slot * step:.2f}' y='{y:.2f}' width='{max(step * 0.9, 0.5):.2f}' "
+            f"height='{max(bar_h, 0.5):.2f}' fill='{colour}'><title>{_esc(labels[i])}: {value:+.3f}</title></rect>"
+        )
+    low_label = f"{-top:+.3g}" if centred else "0"
+    return (
+        f"<svg role='img' viewBox='0 0 {width} {height}' width='100%' aria-label='{_esc(title)}'>"
+        f"<title>{_esc(title)}</title>"
+        f"<text x='{left}' y='16' font-size='13' font-weight='600'>{_esc(title)}</text>"
+        f"{''.join(bars)}"
+        f"<line x1='{left}' x2='{width - pad}' y1='{zero_y:.2f}' y2='{zero_y:.2f}' stroke='#1d2330' stroke-width='1'/>"
+        f"<text x='{left - 4}' y='{pad + 4}' font-size='10' text-anchor='end'>{top:+.3g}</text>"
+        f"<text x='{left - 4}' y='{zero_y + 4:.2f}' font-size='10' text-anchor='end'>0</text>"
+        + (f"<text x='{left - 4}' y='{height - pad}' font-size='10' text-anchor='end'>{low_label}</text>" if centred else "")
+        + f"<text x='{width - pad}' y='{height - 8}' font-size='10' text-anchor='end'>images, sorted ({len(values)})</text>"
+        "</svg>"
+    )
+
+
+def _plots(rows: Sequence[Mapping[str, Any]], paired: bool) -> str:
+    scored = [row for row in rows if row["scored"]]
+    labels = [str(row["image_id"]) for row in scored]
+    figures = []
+    for metric, (label, _) in _PER_IMAGE.items():
+        if paired:
+            values = [row["model"]["scores"][metric] - row["baseline"]["scores"][metric] for row in scored]
+            title = f"{label}: model − baseline, per image"
+        else:
+            values = [row["model"]["scores"][metric] for row in scored]
+            title = f"{label}: model, per image"
+        figures.append(f"<figure class=plot>{_bar_svg(values, labels, title, centred=paired)}</figure>")
+    return f"<div class=plots id=plots>{''.join(figures)}</div>"
+
+
+def _answer(entry: Mapping[str, Any] | None) -> str:
+    if entry is None:
+        return "&ndash;"
+    if entry.get("error"):
+        return f"<span class=error>failed: {_esc(entry['error'])}</span>"
+    scores = entry.get("scores") or {}
+    shown = ", ".join(f"{_PER_IMAGE[m][0]} {scores[m]:.3g}" for m in _PER_IMAGE if m in scores)
+    return f"{_esc(entry['text'])}<br><span class=note>{_esc(shown)}</span>"
+
+
+def _examples(
+    rows: Sequence[Mapping[str, Any]], groups: Mapping[str, Sequence[int]], thumbnails: Mapping[int, str], rank_metric: str, paired: bool
+) -> str:
+    label = _PER_IMAGE[rank_metric][0]
+    by = f"{label}, model − baseline" if paired else f"{label} of the model"
+    titles = {"best": f"Best ({by})", "worst": f"Worst ({by})", "random": "Random"}
+    parts = []
+    for group, indices in groups.items():
+        if not indices:
+            continue
+        parts.append(f"<h3>{_esc(titles.get(group, group))}</h3>")
+        for index in indices:
+            row = rows[index]
+            image = thumbnails.get(index)
+            picture = f"<img alt='{_esc(row['image_id'])}' src='{_esc(image)}'>" if image else ""
+            context = f"<dt>Clinical context</dt><dd>{_esc(row['context'])}</dd>" if row.get("context") else ""
+            baseline = f"<dt>Baseline</dt><dd>{_answer(row.get('baseline'))}</dd>" if "baseline" in row else ""
+            parts.append(
+                f"<article class=example data-group='{_esc(group)}'>{picture}<dl>"
+                f"<dt>Image</dt><dd>{_esc(row['image_id'])}</dd>{context}"
+                f"<dt>Reference</dt><dd>{_esc(row['reference'])}</dd>"
+                f"<dt>Model</dt><dd>{_answer(row.get('model'))}</dd>{baseline}</dl></article>"
+            )
+    return "".join(parts) or "<p class=note>No examples.</p>"
+
+
+# --------------------------------------------------------------------------- page
+
+
+def render_report(
+    metrics: Mapping[str, Any],
+    rows: Sequence[Mapping[str, Any]],
+    groups: Mapping[str, Sequence[int]],
+    thumbnails: Mapping[int, str],
+    rank_metric: str = "rouge_l",
+) -> str:
+    """The whole page as a string; ``groups`` maps best/worst/random to row indices."""
+    models = metrics["models"]
+    paired = bool(metrics.get("difference"))
+    title = f"Evaluation of {models['model']['name']}"
+    if paired:
+        title += f" against {models['baseline']['name']}"
+    data = metrics["dataset"]
+    dropped = ", ".join(f"{n} {why}" for why, n in data["dropped"].items()) or "none"
+    errors = "; ".join(f"{role}: {info['errors']}" for role, info in models.items())
+    speed = "; ".join(
+        f"{role}: {info['images_per_second']} images/s on {info['device']} ({info['precision']})" for role, info in models.items()
+    )
+    intro = (
+        f"<p>{_esc(data['name'])}, split <b>{_esc(data['split'])}</b>: {data['scored']} images scored of "
+        f"{data['rows']} (dropped as unusable: {_esc(dropped)}; failed generations: {_esc(errors)}). "
+        f"Reference captions average {data['reference_mean_words']} words.</p>"
+        f"<p class=note>Generation: {_esc(metrics['generation']['described'])}, batches of "
+        f"{metrics['generation']['batch_size']}, seed {metrics['generation']['seed']}. Speed: {_esc(speed)}.<br>"
+        f"Instruction: {_esc(metrics['generation']['instruction'])}</p>"
+    )
+    plots_title = "Per-image score differences" if paired else "Per-image scores"
+    footer = (
+        f"<p class=note>BLEU: {_esc(metrics['metric_info']['bleu'].get('signature', ''))}. "
+        f"Created {_esc(metrics.get('created'))}; "
+        f"{_esc(', '.join(f'{k} {v}' for k, v in metrics.get('versions', {}).items()))}.</p>"
+    )
+    return (
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+        "<meta name=viewport content='width=device-width, initial-scale=1'>"
+        f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>"
+        f"<h1>{_esc(title)}</h1>{intro}"
+        f"<h2>Summary</h2>{_summary_table(metrics)}"
+        f"<h2>{plots_title}</h2>{_plots(rows, paired)}"
+        f"<h2>Examples</h2>{_examples(rows, groups, thumbnails, rank_metric, paired)}"
+        f"{footer}</body></html>\n"
+    )
+
+
+def write_report(
+    path: Path,
+    metrics: Mapping[str, Any],
+    rows: Sequence[Mapping[str, Any]],
+    groups: Mapping[str, Sequence[int]],
+    thumbnails: Mapping[int, str],
+    rank_metric: str = "rouge_l",
+) -> Path:
+    """Render the report and write it to ``path``; returns the path."""
+    path.write_text(render_report(metrics, rows, groups, thumbnails, rank_metric), encoding="utf-8")
+    return path

@@ -1,0 +1,73 @@
+"""train.py --evaluate: the merged model scored against its base after training, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from radiology.evaluate import OUTPUT_FILES
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def trained_with_eval(tmp_path_factory, tiny_model_dir, seed_data_dir):
+    out = tmp_path_factory.mktemp("run_eval") / "out"
+    result = run_cli("train.py", "--config", "recipes/tiny-cpu.yaml", "--model_name_or_path", str(tiny_model_dir),
+                     "--dataset_name", str(seed_data_dir), "--output_dir", str(out), "--max_steps", "2",
+                     "--save_strategy", "no", "--evaluate", "--eval_max_samples", "4", "--eval_max_new_tokens", "6")
+    return out, result.stdout
+
+
+def test_train_evaluate_scores_merged_model_against_base(trained_with_eval, tiny_model_dir):
+    out, stdout = trained_with_eval
+    assert f"evaluation: {out / 'eval' / 'report.html'}" in stdout
+    assert all((out / "eval" / name).is_file() for name in OUTPUT_FILES)
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    rows = (out / "eval" / "predictions.jsonl").read_text().splitlines()
+    assert metrics["models"]["model"]["source"] == str(out / "merged")
+    assert metrics["models"]["baseline"]["source"] == str(tiny_model_dir)
+    assert metrics["generation"]["settings"]["max_new_tokens"] == 6
+    assert len(rows) == metrics["dataset"]["scored"] == 4
+    assert metrics["difference"] is not None
+
+
+def test_train_evaluate_checks_the_split_before_training(tmp_path, tiny_model_dir, seed_data_dir, capsys):
+    import train
+
+    out = tmp_path / "out"
+    code = train.main(["--config", "recipes/tiny-cpu.yaml", "--model_name_or_path", str(tiny_model_dir),
+                       "--dataset_name", str(seed_data_dir), "--output_dir", str(out),
+                       "--evaluate", "--eval_split", "validation"])
+    assert code == 2
+    assert "split 'validation' not found" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir()), "nothing may be trained when the evaluation cannot run"
+
+
+def _parse(*flags: str):
+    from radiology.config import parse_args
+
+    return parse_args(["--config", "recipes/tiny-cpu.yaml", "--model_name_or_path", "base-model",
+                       "--output_dir", "runs/r1", "--evaluate", *flags])
+
+
+def test_evaluation_config_follows_the_run(tmp_path):
+    from radiology.training import TrainingOutcome, evaluation_config
+
+    script_args, training_args, model_args = _parse("--eval_max_new_tokens", "32", "--eval_split", "validation")
+    merged = TrainingOutcome(adapter_dir=tmp_path, merged_dir=tmp_path / "merged", train_loss=1.0, global_step=4, rows=8)
+    config = evaluation_config(script_args, training_args, model_args, merged)
+    assert (config.model, config.adapter, config.baseline) == (str(tmp_path / "merged"), None, "base-model")
+    assert (config.split, config.settings.max_new_tokens, config.settings.do_sample) == ("validation", 32, False)
+    assert config.output_dir == "runs/r1/eval" and config.load_in_4bit is False
+    # Without a merge, the adapter is applied to the base; another baseline can be named.
+    script_args, training_args, model_args = _parse("--merge", "false", "--eval_baseline", "other-model")
+    unmerged = TrainingOutcome(adapter_dir=tmp_path, merged_dir=None, train_loss=1.0, global_step=4, rows=8)
+    config = evaluation_config(script_args, training_args, model_args, unmerged)
+    assert (config.model, config.adapter, config.baseline) == ("base-model", str(tmp_path), "other-model")
+
+
+@pytest.mark.parametrize("flag", ["--eval_max_samples", "--eval_batch_size", "--eval_max_new_tokens"])
+def test_evaluation_flags_must_be_positive(flag):
+    with pytest.raises(ValueError, match=f"{flag} must be at least 1"):
+        _parse(flag, "0")
