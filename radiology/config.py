@@ -71,6 +71,13 @@ class RadiologyArguments:
     image_column: str = field(default="image", metadata={"help": "Column holding images or image paths."})
     caption_column: str = field(default="caption", metadata={"help": "Column holding the reference caption."})
     id_column: str = field(default="image_id", metadata={"help": "Column holding an image identifier, if any."})
+    context_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column holding optional clinical context (history or question, e.g. '58-year-old smoker, "
+            "cough for 3 weeks'); it goes into the prompt after the instruction. Rows without it keep the plain prompt."
+        },
+    )
     instruction: str = field(default=DEFAULT_INSTRUCTION, metadata={"help": "Instruction shown with each image."})
     processor_name_or_path: str | None = field(
         default=None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ __all__ = [
     "ImageDecodeError",
     "PreparedDataset",
     "build_messages",
+    "control_token_in",
     "decode_image",
     "load_caption_dataset",
     "prepare_caption_dataset",
@@ -116,6 +118,17 @@ def decode_image(value: Any) -> Image.Image:
 
 # --------------------------------------------------------------------------- prompts
 
+# Gemma 3's control tokens. Inside prompt text they would tokenize as the real tokens: a stray
+# <end_of_turn> ends the user turn, a stray <start_of_image> asks for an image that is not there.
+_CONTROL_TOKEN = re.compile(r"<(?:start_of_turn|end_of_turn|start_of_image|end_of_image|image_soft_token|bos|eos|pad)>")
+
+
+def control_token_in(text: str) -> str | None:
+    """The first Gemma 3 control token (e.g. ``<end_of_turn>``) found in ``text``, or None."""
+    match = _CONTROL_TOKEN.search(text)
+    return match.group(0) if match else None
+
+
 
 def build_messages(
     instruction: str,
@@ -125,11 +138,22 @@ def build_messages(
     """Chat messages for one image: the user turn (image, instruction, optional clinical context)
     and, for training, the assistant turn holding the caption.
 
-    Training and inference both call this, so the model sees the same prompt in both.
+    Training and inference both call this, so the model sees the same prompt in both. Without
+    context the user text is the instruction alone, exactly as before context existed.
     """
-    user_content: list[dict[str, Any]] = [{"type": "image"}, {"type": "text", "text": instruction}]
-    if context and context.strip():
-        user_content.append({"type": "text", "text": f"\n\nClinical context: {context.strip()}"})
+    text = instruction
+    if context is not None and str(context).strip():
+        context = str(context).strip()
+        token = control_token_in(context)
+        if token is not None:
+            raise ValueError(
+                f"the clinical context contains the chat control token {token}, which would change the "
+                "prompt's structure; remove it from the context"
+            )
+        # One text item, not two: Gemma 3's chat template trims every item, which would glue a
+        # second item straight onto the instruction ("...this image.Clinical context: ...").
+        text = f"{instruction}\n\nClinical context: {context}"
+    user_content: list[dict[str, Any]] = [{"type": "image"}, {"type": "text", "text": text}]
     messages: list[dict[str, Any]] = [{"role": "user", "content": user_content}]
     if caption is not None:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": caption}]})
@@ -225,9 +249,11 @@ def _require_columns(dataset: Dataset, required: Mapping[str, str]) -> None:
             )
 
 
-def _row_problem(image: Any, caption: Any) -> str | None:
+def _row_problem(image: Any, caption: Any, context: Any = None) -> str | None:
     if caption is None or not str(caption).strip():
         return "empty caption"
+    if context is not None and control_token_in(str(context)):
+        return "context with chat control tokens"
     try:
         decode_image(image)
     except ImageDecodeError:
@@ -268,9 +294,15 @@ def prepare_caption_dataset(
         dataset = dataset.cast_column(IMAGE, ImageFeature(decode=False))
     if IMAGE_ID not in dataset.column_names:
         dataset = dataset.add_column(IMAGE_ID, [str(i) for i in range(len(dataset))])
+    if context_column and dataset.features[CONTEXT] != Value("string"):
+        dataset = dataset.cast_column(CONTEXT, Value("string"))  # e.g. a CSV column of numbers; None stays None
+
+    def problems_of(batch: dict[str, list[Any]]) -> dict[str, list[str | None]]:
+        contexts = batch[CONTEXT] if CONTEXT in batch else [None] * len(batch[IMAGE])
+        return {"problem": [_row_problem(*row) for row in zip(batch[IMAGE], batch[CAPTION], contexts)]}
 
     problems = dataset.map(
-        lambda batch: {"problem": [_row_problem(i, c) for i, c in zip(batch[IMAGE], batch[CAPTION])]},
+        problems_of,
         batched=True,
         batch_size=64,
         input_columns=None,

@@ -81,6 +81,7 @@ def load_training_data(script_args: RadiologyArguments, training_args: SFTConfig
             image_column=script_args.image_column,
             caption_column=script_args.caption_column,
             id_column=script_args.id_column,
+            context_column=script_args.context_column,
             max_samples=script_args.max_train_samples,
             num_proc=training_args.dataset_num_proc,
         )
