@@ -18,6 +18,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from radiology.collate import CaptionCollator
 from radiology.config import RadiologyArguments
 from radiology.data import PreparedDataset, load_caption_dataset, prepare_caption_dataset
+from radiology.memory import GpuMemoryCallback
 from radiology.merge import merge_adapter
 from radiology.modeling import check_bf16_support, load_processor, load_training_model, lora_config
 
@@ -97,7 +98,7 @@ def build_trainer(
     processor = load_processor(model_args.model_name_or_path, script_args.processor_name_or_path)
     model = load_training_model(model_args)
     collator = CaptionCollator(processor, script_args.instruction, max_length=training_args.max_length)
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         args=training_args,
         train_dataset=prepared.dataset,
@@ -105,6 +106,9 @@ def build_trainer(
         processing_class=processor,
         peft_config=lora_config(model_args) if model_args.use_peft else None,
     )
+    # First in line: the reporting callbacks (TensorBoard, console) read the same logs dict after it.
+    trainer.callback_handler.callbacks.insert(0, GpuMemoryCallback())
+    return trainer
 
 
 def _release(*objects: object) -> None:
