@@ -15,7 +15,7 @@ import io
 import logging
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,8 @@ __all__ = [
     "control_token_in",
     "decode_image",
     "load_caption_dataset",
+    "load_caption_splits",
+    "open_image",
     "prepare_caption_dataset",
     "to_rgb",
 ]
@@ -83,13 +85,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(value: Any) -> Image.Image:
-    """An image from a PIL image, a path, raw bytes, or a ``datasets`` image dict, as 8-bit RGB.
+def open_image(value: Any) -> Image.Image:
+    """An image from a PIL image, a path, raw bytes, or a ``datasets`` image dict, decoded in its own mode.
 
     Raises ImageDecodeError (never a Pillow or OS error) when it cannot be read.
     """
     if isinstance(value, Image.Image):
-        return to_rgb(value)
+        return value
     source: Any
     if isinstance(value, Mapping):
         source = value.get("bytes") or value.get("path")
@@ -107,13 +109,25 @@ def decode_image(value: Any) -> Image.Image:
         data = path.read_bytes()
         name = path.name
     try:
-        with Image.open(io.BytesIO(data)) as opened:
-            opened.load()  # decode fully now: a truncated file fails here, not mid-epoch
-            return to_rgb(opened)
+        opened = Image.open(io.BytesIO(data))
+        opened.load()  # decode fully now: a truncated file fails here, not mid-epoch
+        return opened
     except Image.DecompressionBombError as err:
         raise ImageDecodeError(f"{name} is too large to decode safely ({err})") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageDecodeError(f"{name} is not a readable image ({type(err).__name__}: {err})") from err
+
+
+def decode_image(value: Any) -> Image.Image:
+    """An image from a PIL image, a path, raw bytes, or a ``datasets`` image dict, as 8-bit RGB.
+
+    Raises ImageDecodeError (never a Pillow or OS error) when it cannot be read.
+    """
+    image = open_image(value)
+    try:
+        return to_rgb(image)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageDecodeError(f"the image cannot be converted to RGB ({type(err).__name__}: {err})") from err
 
 
 # --------------------------------------------------------------------------- prompts
@@ -167,47 +181,67 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or "\\" in name or Path(name).suffix.lower() in _LOCAL_BUILDERS
 
 
-def load_caption_dataset(name: str, split: str, config: str | None = None) -> Dataset:
-    """One split of a dataset given as a hub id, a local file or a local folder.
+def load_caption_splits(
+    name: str, config: str | None = None, splits: Sequence[str] | None = None
+) -> dict[str, Dataset]:
+    """Some or all (the default) splits of a dataset given as a hub id, a local file or a local folder.
 
-    Errors name the problem: a path that does not exist, or a split that is not there (listing
-    the splits found).
+    A single local file holds one split, named by ``splits`` (default: train). Errors name the
+    problem: a path that does not exist, or a split that is not there (listing the splits found).
     """
     path = Path(name).expanduser()
     if path.is_file():
+        if splits is not None and len(splits) != 1:
+            raise DatasetError(
+                f"{path} is a single file, so it holds one split; ask for one split, or give a folder with "
+                "one file per split (train.parquet, test.parquet)"
+            )
         builder = _LOCAL_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise DatasetError(
                 f"{path} is not a parquet, JSONL or CSV file; give one of those, a folder, or a hub dataset id"
             )
-        splits = load_dataset(builder, data_files={split: str(path)})
+        loaded = load_dataset(builder, data_files={(splits or ["train"])[0]: str(path)})
     elif path.is_dir():
-        splits = load_dataset(str(path), config)
+        loaded = load_dataset(str(path), config)
     elif _looks_like_path(name):
         raise DatasetError(
             f"dataset path {name} does not exist; pass an existing folder or file, or a hub id such as "
             "unsloth/Radiology_mini"
         )
     else:
-        splits = load_dataset(name, config)
-    if not isinstance(splits, DatasetDict):
-        return splits
-    if split not in splits:
-        raise DatasetError(
-            f"split {split!r} not found in {name}; splits found: {', '.join(sorted(splits))}. "
-            "Choose one with --dataset_train_split (training) or --split (evaluation)."
-        )
-    dataset = splits[split]
+        loaded = load_dataset(name, config)
+    if not isinstance(loaded, DatasetDict):
+        loaded = DatasetDict({(splits or ["train"])[0]: loaded})
+    for split in splits or []:
+        if split not in loaded:
+            raise DatasetError(
+                f"split {split!r} not found in {name}; splits found: {', '.join(sorted(loaded))}. "
+                "Choose one with --dataset_train_split (training) or --split (evaluation, audit)."
+            )
+    chosen = {split: loaded[split] for split in (splits or list(loaded))}
     if path.is_dir() or path.is_file():
-        dataset = _resolve_relative_image_paths(dataset, path if path.is_dir() else path.parent)
-    return dataset
+        root = path if path.is_dir() else path.parent
+        chosen = {split: _resolve_relative_image_paths(dataset, root) for split, dataset in chosen.items()}
+    return chosen
+
+
+def load_caption_dataset(name: str, split: str, config: str | None = None) -> Dataset:
+    """One split of a dataset given as a hub id, a local file or a local folder (see load_caption_splits)."""
+    return load_caption_splits(name, config, [split])[split]
+
+
+def _is_image_path_column(name: str) -> bool:
+    """``image``, ``image_path``, ``file_image``... but not identifiers such as ``image_id``."""
+    lowered = name.lower()
+    return "image" in lowered and not lowered.endswith("id")
 
 
 def _resolve_relative_image_paths(dataset: Dataset, root: Path) -> Dataset:
     """String image columns in local tables hold paths relative to the table's folder."""
     string_columns = [
         name for name, feature in dataset.features.items()
-        if isinstance(feature, Value) and feature.dtype in ("string", "large_string") and "image" in name.lower()
+        if isinstance(feature, Value) and feature.dtype in ("string", "large_string") and _is_image_path_column(name)
     ]
 
     def absolute(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
