@@ -36,6 +36,7 @@ __all__ = [
     "load_caption_splits",
     "open_image",
     "prepare_caption_dataset",
+    "require_columns",
     "to_rgb",
 ]
 
@@ -114,7 +115,10 @@ def open_image(value: Any) -> Image.Image:
         return opened
     except Image.DecompressionBombError as err:
         raise ImageDecodeError(f"{name} is too large to decode safely ({err})") from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except UnidentifiedImageError as err:
+        # Pillow's own message names a BytesIO object and its memory address: no help to anyone.
+        raise ImageDecodeError(f"{name} is not a readable image (unknown or damaged format)") from err
+    except (OSError, SyntaxError, ValueError) as err:
         raise ImageDecodeError(f"{name} is not a readable image ({type(err).__name__}: {err})") from err
 
 
@@ -273,7 +277,8 @@ class PreparedDataset:
         return f"{kept} rows kept; dropped {sum(self.dropped.values())}: {reasons}"
 
 
-def _require_columns(dataset: Dataset, required: Mapping[str, str]) -> None:
+def require_columns(dataset: Dataset, required: Mapping[str, str]) -> None:
+    """Fail, naming the option to fix, when a column given as {option: column} is not in the dataset."""
     found = list(dataset.column_names)
     for option, column in required.items():
         if column not in found:
@@ -312,7 +317,7 @@ def prepare_caption_dataset(
     required = {"image_column": image_column, "caption_column": caption_column}
     if context_column:
         required["context_column"] = context_column
-    _require_columns(dataset, required)
+    require_columns(dataset, required)
     if max_samples is not None and max_samples < len(dataset):
         dataset = dataset.select(range(max_samples))
 

@@ -17,10 +17,17 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from radiology.collate import CaptionCollator
 from radiology.config import RadiologyArguments
-from radiology.data import PreparedDataset, load_caption_dataset, prepare_caption_dataset
+from radiology.data import (
+    DatasetError,
+    PreparedDataset,
+    load_caption_dataset,
+    load_caption_splits,
+    prepare_caption_dataset,
+)
 from radiology.memory import GpuMemoryCallback
 from radiology.merge import merge_adapter
 from radiology.modeling import check_bf16_support, load_processor, load_training_model, lora_config
+from radiology.quality import MeasuredImages, filter_training_rows, measure_images
 
 __all__ = ["OutputFolderError", "TrainingOutcome", "build_trainer", "resolve_resume", "run_training"]
 
@@ -86,7 +93,29 @@ def load_training_data(script_args: RadiologyArguments, training_args: SFTConfig
             max_samples=script_args.max_train_samples,
             num_proc=training_args.dataset_num_proc,
         )
+        thresholds = script_args.quality_thresholds()
+        if thresholds.filters_rows or script_args.drop_duplicates or script_args.drop_images_in_split:
+            prepared = filter_training_rows(
+                prepared,
+                thresholds,
+                drop_duplicates=script_args.drop_duplicates,
+                held_out=_held_out_images(script_args, training_args.dataset_num_proc),
+                num_proc=training_args.dataset_num_proc,
+            )
     return prepared
+
+
+def _held_out_images(script_args: RadiologyArguments, num_proc: int | None) -> dict[str, MeasuredImages]:
+    """Measured images of the splits named by --drop_images_in_split (every row of each)."""
+    if not script_args.drop_images_in_split:
+        return {}
+    if Path(script_args.dataset_name).expanduser().is_file():
+        raise DatasetError(
+            f"--drop_images_in_split needs a dataset with several splits; {script_args.dataset_name} is a single "
+            "file. Give a folder with one file per split (train.parquet, test.parquet) or a hub id."
+        )
+    splits = load_caption_splits(script_args.dataset_name, script_args.dataset_config, script_args.drop_images_in_split)
+    return {name: measure_images(split, script_args.image_column, num_proc) for name, split in splits.items()}
 
 
 def build_trainer(
