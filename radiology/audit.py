@@ -533,6 +533,7 @@ def write_report(result: AuditResult, output_dir: str | Path) -> tuple[Path, Pat
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the audit from the command line; returns the exit status (2 on a usage or data error)."""
     parser = argparse.ArgumentParser(description="Audit an image-caption dataset's quality; write report.html and audit.json.")
     parser.add_argument("--dataset_name", required=True, help="hub id, local parquet/JSONL/CSV file, or local folder")
     parser.add_argument("--dataset_config", default=None)

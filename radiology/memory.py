@@ -198,6 +198,7 @@ class GpuMemoryCallback(TrainerCallback):
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Print the GPU, its memory in use and (with --model) the model's footprint."""
     parser = argparse.ArgumentParser(description="Show the GPU and its memory in use (and a model's footprint).")
     parser.add_argument("--model", default=None, help="a model folder or hub id to load and measure (bf16)")
     args = parser.parse_args(argv)

@@ -156,6 +156,8 @@ def _measure_batch(images: list[Any]) -> dict[str, list[Any]]:
 
 def measure_images(dataset: Dataset, image_column: str = IMAGE, num_proc: int | None = None) -> MeasuredImages:
     """Decode and measure every image of ``dataset`` (in parallel with ``num_proc``)."""
+    if len(dataset) == 0:  # map() would return the table unchanged, without the measure columns
+        return MeasuredImages(error=[], width=[], height=[], mode=[], sharpness=[], phash=[])
     if isinstance(dataset.features.get(image_column), ImageFeature):
         dataset = dataset.cast_column(image_column, ImageFeature(decode=False))  # we decode, and count failures
     table = dataset.map(

@@ -112,3 +112,10 @@ def test_audit_errors_name_the_problem_and_the_fix(audit_data, tmp_path, capsys,
     err = capsys.readouterr().err
     assert err.startswith("error: ") and all(message in err for message in messages)
     assert not (tmp_path / "report.html").exists()
+
+
+def test_an_empty_split_gives_an_empty_report_not_a_crash():
+    empty = Dataset.from_dict({"image": [], "caption": []}).cast_column("image", ImageFeature())
+    result = audit_splits({"train": empty})
+    assert result.to_json()["summary"]["train"]["rows"] == 0 and result.flagged() == []
+    assert "no readable images" in render_report(result)
