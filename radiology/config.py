@@ -11,6 +11,7 @@ from typing import Any
 from trl import ModelConfig, SFTConfig, TrlParser
 
 from radiology.data import DEFAULT_INSTRUCTION
+from radiology.quality import DEFAULT_NEAR_DUPLICATE_DISTANCE, QualityThresholds
 
 __all__ = ["DEFAULT_MODEL", "RECIPE_DEFAULTS", "RadiologyArguments", "make_parser", "parse_args"]
 
@@ -75,10 +76,48 @@ class RadiologyArguments:
     image_column: str = field(default="image", metadata={"help": "Column holding images or image paths."})
     caption_column: str = field(default="caption", metadata={"help": "Column holding the reference caption."})
     id_column: str = field(default="image_id", metadata={"help": "Column holding an image identifier, if any."})
+    context_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column holding optional clinical context (history or question, e.g. '58-year-old smoker, "
+            "cough for 3 weeks'); it goes into the prompt after the instruction. Rows without it keep the plain prompt."
+        },
+    )
     instruction: str = field(default=DEFAULT_INSTRUCTION, metadata={"help": "Instruction shown with each image."})
     processor_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Processor (with chat template); default: the model's, or the -it sibling of a -pt model."},
+    )
+    min_image_side: int | None = field(
+        default=None, metadata={"help": "Drop training images whose shorter side is below N pixels."}
+    )
+    min_sharpness: float | None = field(
+        default=None,
+        metadata={
+            "help": "Drop blurry training images: variance of the Laplacian below this value "
+            "(python -m radiology.audit shows the distribution and the blurriest images)."
+        },
+    )
+    min_caption_words: int | None = field(
+        default=None, metadata={"help": "Drop training rows whose caption has fewer than N words."}
+    )
+    drop_duplicates: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep only the first row of each group of identical or near-identical training images. The "
+            "other filters run first: with --min_sharpness a blurred copy goes as blurry and its original stays."
+        },
+    )
+    drop_images_in_split: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Drop training rows whose image is (nearly) the same as one in these splits of the dataset "
+            "(e.g. test), so that evaluation stays on unseen images."
+        },
+    )
+    near_duplicate_distance: int = field(
+        default=DEFAULT_NEAR_DUPLICATE_DISTANCE,
+        metadata={"help": "Bits (of a 64-bit perceptual hash) within which two images count as the same picture."},
     )
     merge: bool = field(default=True, metadata={"help": "Merge the adapter into bf16 weights after training."})
     merged_output_dir: str | None = field(
@@ -131,6 +170,21 @@ class RadiologyArguments:
             raise ValueError("--eval_batch_size must be at least 1")
         if self.eval_max_new_tokens < 1:
             raise ValueError("--eval_max_new_tokens must be at least 1")
+        self.quality_thresholds()  # fails here, before any loading, on an impossible limit
+        if self.dataset_train_split in (self.drop_images_in_split or []):
+            raise ValueError(
+                f"--drop_images_in_split names the training split {self.dataset_train_split!r} itself; "
+                "name the held-out split(s), e.g. test"
+            )
+
+    def quality_thresholds(self) -> QualityThresholds:
+        """The data quality limits given on the command line (all off by default)."""
+        return QualityThresholds(
+            min_image_side=self.min_image_side,
+            min_sharpness=self.min_sharpness,
+            min_caption_words=self.min_caption_words,
+            near_duplicate_distance=self.near_duplicate_distance,
+        )
 
 
 def make_parser() -> TrlParser:

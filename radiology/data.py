@@ -18,7 +18,7 @@ import io
 import logging
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,9 +33,13 @@ __all__ = [
     "ImageDecodeError",
     "PreparedDataset",
     "build_messages",
+    "control_token_in",
     "decode_image",
     "load_caption_dataset",
+    "load_caption_splits",
+    "open_image",
     "prepare_caption_dataset",
+    "require_columns",
     "to_rgb",
 ]
 
@@ -92,8 +96,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(value: Any) -> Image.Image:
-    """An image from a PIL image, a path, raw bytes, or a ``datasets`` image dict, as 8-bit RGB.
+def open_image(value: Any) -> Image.Image:
+    """An image from a PIL image, a path, raw bytes, or a ``datasets`` image dict, decoded in its own mode.
 
     DICOM is recognised by its 'DICM' marker, by a ``.dcm`` name, or (for preamble-less files
     with other names) after Pillow fails, and rendered by ``radiology.dicom`` with the file's own
@@ -103,7 +107,7 @@ def decode_image(value: Any) -> Image.Image:
     from radiology.dicom import NotDicomError, has_dicom_preamble, read_dicom_image
 
     if isinstance(value, Image.Image):
-        return to_rgb(value)
+        return value
     source: Any
     if isinstance(value, Mapping):
         source = value.get("bytes") or value.get("path")
@@ -125,24 +129,49 @@ def decode_image(value: Any) -> Image.Image:
     if has_dicom_preamble(data):
         return read_dicom_image(data).image
     try:
-        with Image.open(io.BytesIO(data)) as opened:
-            opened.load()  # decode fully now: a truncated file fails here, not mid-epoch
-            return to_rgb(opened)
+        opened = Image.open(io.BytesIO(data))
+        opened.load()  # decode fully now: a truncated file fails here, not mid-epoch
+        return opened
     except Image.DecompressionBombError as err:
         raise ImageDecodeError(f"{name} is too large to decode safely ({err})") from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        pillow_error = err
+    except UnidentifiedImageError as err:
+        # Pillow's own message names a BytesIO object and its memory address: no help to anyone.
+        pillow_error: Exception = err
+        reason = "unknown or damaged format"
+    except (OSError, SyntaxError, ValueError) as err:
+        pillow_error, reason = err, f"{type(err).__name__}: {err}"
     # Not an image Pillow knows: perhaps DICOM without the preamble and without a .dcm name.
     try:
         return read_dicom_image(data).image
     except NotDicomError:
         pass
-    raise ImageDecodeError(
-        f"{name} is not a readable image ({type(pillow_error).__name__}: {pillow_error})"
-    ) from pillow_error
+    raise ImageDecodeError(f"{name} is not a readable image ({reason})") from pillow_error
+
+
+def decode_image(value: Any) -> Image.Image:
+    """An image from a PIL image, a path, raw bytes, or a ``datasets`` image dict, as 8-bit RGB.
+
+    Raises ImageDecodeError (never a Pillow or OS error) when it cannot be read.
+    """
+    image = open_image(value)
+    try:
+        return to_rgb(image)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageDecodeError(f"the image cannot be converted to RGB ({type(err).__name__}: {err})") from err
 
 
 # --------------------------------------------------------------------------- prompts
+
+# Gemma 3's control tokens. Inside prompt text they would tokenize as the real tokens: a stray
+# <end_of_turn> ends the user turn, a stray <start_of_image> asks for an image that is not there.
+_CONTROL_TOKEN = re.compile(r"<(?:start_of_turn|end_of_turn|start_of_image|end_of_image|image_soft_token|bos|eos|pad)>")
+
+
+def control_token_in(text: str) -> str | None:
+    """The first Gemma 3 control token (e.g. ``<end_of_turn>``) found in ``text``, or None."""
+    match = _CONTROL_TOKEN.search(text)
+    return match.group(0) if match else None
+
 
 
 def build_messages(
@@ -153,11 +182,22 @@ def build_messages(
     """Chat messages for one image: the user turn (image, instruction, optional clinical context)
     and, for training, the assistant turn holding the caption.
 
-    Training and inference both call this, so the model sees the same prompt in both.
+    Training and inference both call this, so the model sees the same prompt in both. Without
+    context the user text is the instruction alone, exactly as before context existed.
     """
-    user_content: list[dict[str, Any]] = [{"type": "image"}, {"type": "text", "text": instruction}]
-    if context and context.strip():
-        user_content.append({"type": "text", "text": f"\n\nClinical context: {context.strip()}"})
+    text = instruction
+    if context is not None and str(context).strip():
+        context = str(context).strip()
+        token = control_token_in(context)
+        if token is not None:
+            raise ValueError(
+                f"the clinical context contains the chat control token {token}, which would change the "
+                "prompt's structure; remove it from the context"
+            )
+        # One text item, not two: Gemma 3's chat template trims every item, which would glue a
+        # second item straight onto the instruction ("...this image.Clinical context: ...").
+        text = f"{instruction}\n\nClinical context: {context}"
+    user_content: list[dict[str, Any]] = [{"type": "image"}, {"type": "text", "text": text}]
     messages: list[dict[str, Any]] = [{"role": "user", "content": user_content}]
     if caption is not None:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": caption}]})
@@ -171,8 +211,8 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or "\\" in name or Path(name).suffix.lower() in _LOCAL_BUILDERS
 
 
-def _load_splits(name: str, split: str, *args: Any, **kwargs: Any) -> Dataset | DatasetDict:
-    """``load_dataset`` for every split; a split with no rows elsewhere does not block this one."""
+def _load_splits(name: str, wanted: Sequence[str] | None, *args: Any, **kwargs: Any) -> Dataset | DatasetDict:
+    """``load_dataset``, except that a split with no rows that was not asked for does not block the rest."""
     try:
         return load_dataset(*args, **kwargs)
     except ValueError as err:
@@ -180,50 +220,64 @@ def _load_splits(name: str, split: str, *args: Any, **kwargs: Any) -> Dataset | 
         empty = _EMPTY_SPLIT.search(str(err))
         if empty is None:
             raise
-        if empty.group(1) == split:
+        if wanted is None or empty.group(1) in wanted:
             raise DatasetError(
-                f"split {split!r} of {name} is empty (0 rows); choose another with --dataset_train_split "
+                f"split {empty.group(1)!r} of {name} is empty (0 rows); choose another with --dataset_train_split "
                 "(training) or --split (evaluation)"
             ) from err
-        return load_dataset(*args, **kwargs, split=split)
+        return DatasetDict({split: load_dataset(*args, **kwargs, split=split) for split in wanted})
 
 
-def load_caption_dataset(name: str, split: str, config: str | None = None, image_column: str = IMAGE) -> Dataset:
-    """One split of a dataset given as a hub id, a local file or a local folder.
+def load_caption_splits(
+    name: str, config: str | None = None, splits: Sequence[str] | None = None, image_column: str = IMAGE
+) -> dict[str, Dataset]:
+    """Some or all (the default) splits of a dataset given as a hub id, a local file or a local folder.
 
-    In a local table whose ``image_column`` holds file paths, relative paths are resolved against
-    the table's folder. Errors name the problem: a path that does not exist, a split that is not
-    there (listing the splits found), or a split with no rows.
+    A single local file holds one split, named by ``splits`` (default: train). In a local table whose
+    ``image_column`` holds file paths, relative paths are resolved against the table's folder. Errors
+    name the problem: a path that does not exist, a split that is not there (listing the splits
+    found), or a split with no rows.
     """
     path = Path(name).expanduser()
     if path.is_file():
+        if splits is not None and len(splits) != 1:
+            raise DatasetError(
+                f"{path} is a single file, so it holds one split; ask for one split, or give a folder with "
+                "one file per split (train.parquet, test.parquet)"
+            )
         builder = _LOCAL_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise DatasetError(
                 f"{path} is not a parquet, JSONL or CSV file; give one of those, a folder, or a hub dataset id"
             )
-        splits = _load_splits(name, split, builder, data_files={split: str(path)})
+        loaded = _load_splits(name, splits, builder, data_files={(splits or ["train"])[0]: str(path)})
     elif path.is_dir():
-        splits = _load_splits(name, split, str(path), config)
+        loaded = _load_splits(name, splits, str(path), config)
     elif _looks_like_path(name):
         raise DatasetError(
             f"dataset path {name} does not exist; pass an existing folder or file, or a hub id such as "
             "unsloth/Radiology_mini"
         )
     else:
-        splits = _load_splits(name, split, name, config)
-    if isinstance(splits, DatasetDict):
-        if split not in splits:
+        loaded = _load_splits(name, splits, name, config)
+    if not isinstance(loaded, DatasetDict):
+        loaded = DatasetDict({(splits or ["train"])[0]: loaded})
+    for split in splits or []:
+        if split not in loaded:
             raise DatasetError(
-                f"split {split!r} not found in {name}; splits found: {', '.join(sorted(splits))}. "
-                "Choose one with --dataset_train_split (training) or --split (evaluation)."
+                f"split {split!r} not found in {name}; splits found: {', '.join(sorted(loaded))}. "
+                "Choose one with --dataset_train_split (training) or --split (evaluation, audit)."
             )
-        dataset = splits[split]
-    else:
-        dataset = splits
+    chosen = {split: loaded[split] for split in (splits or list(loaded))}
     if path.is_dir() or path.is_file():
-        dataset = _resolve_relative_image_paths(dataset, image_column, path if path.is_dir() else path.parent)
-    return dataset
+        root = path if path.is_dir() else path.parent
+        chosen = {split: _resolve_relative_image_paths(dataset, image_column, root) for split, dataset in chosen.items()}
+    return chosen
+
+
+def load_caption_dataset(name: str, split: str, config: str | None = None, image_column: str = IMAGE) -> Dataset:
+    """One split of a dataset given as a hub id, a local file or a local folder (see load_caption_splits)."""
+    return load_caption_splits(name, config, [split], image_column)[split]
 
 
 def _resolve_relative_image_paths(dataset: Dataset, column: str, root: Path) -> Dataset:
@@ -259,7 +313,8 @@ class PreparedDataset:
         return f"{kept} rows kept; dropped {sum(self.dropped.values())}: {reasons}"
 
 
-def _require_columns(dataset: Dataset, required: Mapping[str, str]) -> None:
+def require_columns(dataset: Dataset, required: Mapping[str, str]) -> None:
+    """Fail, naming the option to fix, when a column given as {option: column} is not in the dataset."""
     found = list(dataset.column_names)
     for option, column in required.items():
         if column not in found:
@@ -269,9 +324,11 @@ def _require_columns(dataset: Dataset, required: Mapping[str, str]) -> None:
             )
 
 
-def _row_problem(image: Any, caption: Any) -> str | None:
+def _row_problem(image: Any, caption: Any, context: Any = None) -> str | None:
     if caption is None or not str(caption).strip():
         return "empty caption"
+    if context is not None and control_token_in(str(context)):
+        return "context with chat control tokens"
     try:
         decode_image(image)
     except ImageDecodeError as err:
@@ -296,7 +353,7 @@ def prepare_caption_dataset(
     required = {"image_column": image_column, "caption_column": caption_column}
     if context_column:
         required["context_column"] = context_column
-    _require_columns(dataset, required)
+    require_columns(dataset, required)
     if max_samples is not None and max_samples < len(dataset):
         dataset = dataset.select(range(max_samples))
 
@@ -312,9 +369,15 @@ def prepare_caption_dataset(
         dataset = dataset.cast_column(IMAGE, ImageFeature(decode=False))
     if IMAGE_ID not in dataset.column_names:
         dataset = dataset.add_column(IMAGE_ID, [str(i) for i in range(len(dataset))])
+    if context_column and dataset.features[CONTEXT] != Value("string"):
+        dataset = dataset.cast_column(CONTEXT, Value("string"))  # e.g. a CSV column of numbers; None stays None
+
+    def problems_of(batch: dict[str, list[Any]]) -> dict[str, list[str | None]]:
+        contexts = batch[CONTEXT] if CONTEXT in batch else [None] * len(batch[IMAGE])
+        return {"problem": [_row_problem(*row) for row in zip(batch[IMAGE], batch[CAPTION], contexts)]}
 
     problems = dataset.map(
-        lambda batch: {"problem": [_row_problem(i, c) for i, c in zip(batch[IMAGE], batch[CAPTION])]},
+        problems_of,
         batched=True,
         batch_size=64,
         input_columns=None,

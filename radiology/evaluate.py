@@ -185,7 +185,7 @@ def _check_local_model(name: str | None, flag: str) -> None:
 
 def load_eval_dataset(config: EvalConfig) -> PreparedDataset:
     """The split to evaluate, validated (unreadable or caption-less rows dropped and counted)."""
-    raw = load_caption_dataset(config.dataset_name, config.split, config.dataset_config)
+    raw = load_caption_dataset(config.dataset_name, config.split, config.dataset_config, config.image_column)
     if len(raw) == 0:
         raise DatasetError(
             f"split {config.split!r} of {config.dataset_name} is empty: there is nothing to evaluate; "

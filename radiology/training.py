@@ -21,11 +21,19 @@ from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from radiology.collate import CaptionCollator
 from radiology.config import RadiologyArguments
-from radiology.data import DatasetError, PreparedDataset, load_caption_dataset, prepare_caption_dataset
+from radiology.data import (
+    DatasetError,
+    PreparedDataset,
+    load_caption_dataset,
+    load_caption_splits,
+    prepare_caption_dataset,
+)
 from radiology.evaluate import EvalConfig, EvaluationError, check_eval_output_dir, run_evaluation
 from radiology.generate import GenerationSettings
+from radiology.memory import GpuMemoryCallback
 from radiology.merge import merge_adapter
 from radiology.modeling import check_bf16_support, load_processor, load_training_model, lora_config
+from radiology.quality import MeasuredImages, filter_training_rows, measure_images
 
 __all__ = [
     "OutputFolderError",
@@ -98,9 +106,19 @@ def load_training_data(script_args: RadiologyArguments, training_args: SFTConfig
             image_column=script_args.image_column,
             caption_column=script_args.caption_column,
             id_column=script_args.id_column,
+            context_column=script_args.context_column,
             max_samples=script_args.max_train_samples,
             num_proc=training_args.dataset_num_proc,
         )
+        thresholds = script_args.quality_thresholds()
+        if thresholds.filters_rows or script_args.drop_duplicates or script_args.drop_images_in_split:
+            prepared = filter_training_rows(
+                prepared,
+                thresholds,
+                drop_duplicates=script_args.drop_duplicates,
+                held_out=_held_out_images(script_args, training_args.dataset_num_proc),
+                num_proc=training_args.dataset_num_proc,
+            )
     return prepared
 
 
@@ -121,6 +139,21 @@ class SelectiveCheckpointing(TrainerCallback):
                 module.gradient_checkpointing = in_vision if self.scope == "vision" else not in_vision
 
 
+def _held_out_images(script_args: RadiologyArguments, num_proc: int | None) -> dict[str, MeasuredImages]:
+    """Measured images of the splits named by --drop_images_in_split (every row of each)."""
+    if not script_args.drop_images_in_split:
+        return {}
+    if Path(script_args.dataset_name).expanduser().is_file():
+        raise DatasetError(
+            f"--drop_images_in_split needs a dataset with several splits; {script_args.dataset_name} is a single "
+            "file. Give a folder with one file per split (train.parquet, test.parquet) or a hub id."
+        )
+    splits = load_caption_splits(
+        script_args.dataset_name, script_args.dataset_config, script_args.drop_images_in_split, script_args.image_column
+    )
+    return {name: measure_images(split, script_args.image_column, num_proc) for name, split in splits.items()}
+
+
 def build_trainer(
     script_args: RadiologyArguments,
     training_args: SFTConfig,
@@ -130,7 +163,7 @@ def build_trainer(
     processor = load_processor(model_args.model_name_or_path, script_args.processor_name_or_path)
     model = load_training_model(model_args)
     collator = CaptionCollator(processor, script_args.instruction, max_length=training_args.max_length)
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         args=training_args,
         train_dataset=prepared.dataset,
@@ -139,6 +172,9 @@ def build_trainer(
         peft_config=lora_config(model_args) if model_args.use_peft else None,
         callbacks=[SelectiveCheckpointing(script_args.checkpointing_scope)],
     )
+    # First in line: the reporting callbacks (TensorBoard, console) read the same logs dict after it.
+    trainer.callback_handler.callbacks.insert(0, GpuMemoryCallback())
+    return trainer
 
 
 def _eval_output_dir(script_args: RadiologyArguments, training_args: SFTConfig) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.fixtures import write_seed_parquet
+from tests.fixtures import write_audit_fixture, write_seed_parquet
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -47,6 +47,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def seed_data_dir(tmp_path_factory) -> Path:
     return write_seed_parquet(tmp_path_factory.mktemp("data") / "radiology_mini")
+
+
+@pytest.fixture(scope="session")
+def audit_data(tmp_path_factory) -> tuple[Path, dict[tuple[str, str], set[str]]]:
+    """train/test parquet of distinct real images with five planted problems, and those problems."""
+    folder = tmp_path_factory.mktemp("audit") / "planted"
+    return folder, write_audit_fixture(folder)
 
 
 @pytest.fixture(scope="session")

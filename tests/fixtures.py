@@ -179,3 +179,104 @@ def write_empty_split(folder: Path, split: str) -> Path:
     path = folder / f"{split}.parquet"
     Dataset.from_dict({name: [] for name in features}, features=features).to_parquet(str(path))
     return path
+
+# --------------------------------------------------------------------------- audit fixture
+
+
+def distinct_images() -> dict[str, Image.Image]:
+    """Real pictures that differ from one another (pHash 22+ bits apart): CT, MR and ultrasound from
+    pydicom, plus flipped and rotated views of them (a flip is a new picture to a perceptual hash)."""
+    from pydicom import examples
+    from pydicom.pixels import apply_color_lut
+
+    base = real_images()
+    overlay = examples.overlay.pixel_array.astype(np.float32)
+    palette = examples.palette_color
+    base["mr_overlay"] = Image.fromarray((overlay / overlay.max() * 255).astype(np.uint8))
+    base["us_palette"] = Image.fromarray((apply_color_lut(palette.pixel_array, palette) >> 8).astype(np.uint8))
+    return {
+        "ct": base["ct_16bit"],
+        "ct_flipped": base["ct_16bit"].transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+        "ct_rotated": base["ct_16bit"].transpose(Image.Transpose.ROTATE_90),
+        "mr": base["mr_gray"],
+        "mr_rotated": base["mr_gray"].transpose(Image.Transpose.ROTATE_90),
+        "mr_overlay": base["mr_overlay"],
+        "mr_overlay_rotated": base["mr_overlay"].transpose(Image.Transpose.ROTATE_270),
+        "us": base["rgb"],
+        "us_flipped": base["rgb"].transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+        "us_palette": base["us_palette"].convert("P"),
+        "us_palette_flipped": base["us_palette"].transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+    }
+
+
+AUDIT_CAPTIONS = [
+    "Axial CT of the chest shows a spiculated nodule in the right upper lobe.",
+    "Sagittal T2-weighted MRI shows a disc herniation at L4-L5.",
+    "Transabdominal ultrasound shows a gallstone with posterior acoustic shadowing.",
+    "Coronal MRI shows a well-defined mass in the left parotid gland.",
+    "Colour Doppler ultrasound shows flow within a thyroid nodule.",
+    "Axial CT shows a hypodense lesion in segment VII of the liver.",
+    "Axial MRI shows a lacunar infarct in the right thalamus.",
+    "Ultrasound shows a thickened appendix measuring 9 mm.",
+    "Coronal MRI shows bone marrow oedema in the medial femoral condyle.",
+    "Renal ultrasound shows moderate hydronephrosis on the left.",
+    "Axial CT shows a fracture of the left zygomatic arch.",
+    "Doppler ultrasound shows a thrombus in the popliteal vein.",
+    "Axial CT shows a small subdural haematoma on the right.",
+    "Transvaginal ultrasound shows a simple ovarian cyst.",
+]
+
+
+def _jpeg_copy(image: Image.Image, scale: float = 1.0) -> bytes:
+    """The picture re-encoded as JPEG (and resized), as a copy found elsewhere would be."""
+    copy = image.convert("RGB") if image.mode not in ("L", "RGB") else image
+    if scale != 1.0:
+        copy = copy.resize((round(copy.width * scale), round(copy.height * scale)), Image.Resampling.LANCZOS)
+    return encode(copy, "JPEG")
+
+
+def write_audit_fixture(folder: Path) -> dict[tuple[str, str], set[str]]:
+    """train/test parquet files of distinct real images with five planted problems, and the planted
+    problems as {(split, image_id): reasons the audit must give}. Every other row is clean."""
+    from datasets import Dataset, Image as ImageFeature
+    from PIL import ImageFilter
+
+    pictures = distinct_images()
+    captions = iter(AUDIT_CAPTIONS)
+
+    def row(image_id: str, image: bytes, caption: str | None = None, history: str | None = None) -> dict:
+        return {"image": image, "image_id": image_id, "caption": caption or next(captions), "history": history}
+
+    train = [
+        row("ct", encode(pictures["ct"]), history="58-year-old smoker, cough for 3 weeks"),
+        row("mr", encode(pictures["mr"])),
+        row("us", encode(pictures["us"])),
+        row("mr_overlay", encode(pictures["mr_overlay"]), history="Headache for two months."),
+        row("us_palette", encode(pictures["us_palette"])),
+        row("ct_flipped", encode(pictures["ct_flipped"])),
+        row("mr_rotated", encode(pictures["mr_rotated"])),
+        row("leaked", encode(pictures["us_flipped"])),
+        row("blurred", encode(pictures["mr_overlay"].filter(ImageFilter.GaussianBlur(3)))),
+    ]
+    mr_caption = train[1]["caption"]
+    train += [
+        row("duplicate", _jpeg_copy(pictures["mr"]), caption=f"  {mr_caption.upper()} "),
+        row("no_caption", encode(pictures["mr_overlay_rotated"]), caption=" "),
+        row("broken", b"\x89PNG\r\n\x1a\n but the rest is not an image"),
+    ]
+    test = [
+        row("test_us_palette_flipped", encode(pictures["us_palette_flipped"])),
+        row("test_ct_rotated", encode(pictures["ct_rotated"])),
+        row("test_leaked", _jpeg_copy(pictures["us_flipped"], scale=0.8)),
+    ]
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, rows in (("train", train), ("test", test)):
+        Dataset.from_list(rows).cast_column("image", ImageFeature()).to_parquet(str(folder / f"{split}.parquet"))
+    return {
+        ("train", "leaked"): {"image also in test split"},
+        ("test", "test_leaked"): {"image also in train split"},
+        ("train", "blurred"): {"blurry image", "duplicate image"},  # a blurred copy of mr_overlay
+        ("train", "duplicate"): {"duplicate image", "duplicate caption"},  # mr again, as JPEG, same caption
+        ("train", "no_caption"): {"empty caption"},
+        ("train", "broken"): {"unreadable image"},
+    }
