@@ -16,7 +16,8 @@ from radiology.training import run_training
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # force: an imported library (absl, through rouge-score) may already have claimed the root logger.
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, force=True)
     try:
         script_args, training_args, model_args = parse_args(argv)
         outcome = run_training(script_args, training_args, model_args)

@@ -285,10 +285,12 @@ def generate_batch(
     if not images:
         return []
     settings = settings or GenerationSettings()
+    if contexts is not None and len(contexts) != len(images):
+        raise ValueError(f"{len(contexts)} contexts for {len(images)} images: give one per image (or none)")
     if loaded.engine is not None:
         contexts = list(contexts) if contexts is not None else [None] * len(images)
         prompts = [build_inputs(loaded.processor, image, instruction, context)
-                   for image, context in zip(images, contexts, strict=True)]
+                   for image, context in zip(images, contexts)]
         if all(loaded.engine.fits(p["input_ids"].shape[1]) for p in prompts):
             ids = loaded.engine.generate_many(prompts, settings, stop)
             return [loaded.processor.decode(row, skip_special_tokens=True).strip() for row in ids]

@@ -19,7 +19,7 @@ def test_relative_image_paths_still_resolve(tmp_path):
     (tmp_path / "scans").mkdir()
     Image.new("L", (8, 8)).save(tmp_path / "scans" / "a.png")
     (tmp_path / "table.csv").write_text("image_path,image_id,caption\nscans/a.png,scan_a,A chest film.\n")
-    row = load_caption_dataset(str(tmp_path / "table.csv"), "test")[0]
+    row = load_caption_dataset(str(tmp_path / "table.csv"), "test", image_column="image_path")[0]
     assert row["image_path"] == str(tmp_path / "scans" / "a.png")
     assert row["image_id"] == "scan_a"
 
