@@ -114,3 +114,19 @@ def test_bad_input_exits_with_a_clear_error(tiny_model_dir, seed_data_dir, tmp_p
 def test_wrong_dataset_path_exits_with_a_clear_error(tiny_model_dir, tmp_path, capsys):
     assert train.main(tiny_args(tiny_model_dir, tmp_path / "missing", tmp_path / "out")) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scope", ["all", "vision", "text"])
+def test_checkpointing_scope_picks_the_recomputed_layers(tiny_model_dir, seed_data_dir, tmp_path, scope):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    script, training, model_args = parse_args(tiny_args(tiny_model_dir, seed_data_dir, tmp_path / "o", "--max_steps",
+                                                        "1", "--save_strategy", "no", "--checkpointing_scope", scope,
+                                                        "--merge", "false"))
+    trainer = build_trainer(script, training, model_args, load_training_data(script, training))
+    trainer.train()
+    layers = {name: m.gradient_checkpointing for name, m in trainer.model.named_modules()
+              if isinstance(m, GradientCheckpointingLayer)}
+    vision = {v for n, v in layers.items() if "vision_tower" in n}
+    text = {v for n, v in layers.items() if "language_model" in n}
+    assert vision == {scope in ("all", "vision")} and text == {scope in ("all", "text")}
