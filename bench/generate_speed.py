@@ -154,6 +154,7 @@ def run_precision(checkpoint: Path, four_bit: bool, new_tokens: int, attn: str, 
         log({"precision": name, "path": "plain" if use_plain else "package", "concurrent": result})
     single = concurrent(loaded, images[:1], new_tokens, False)
     log({"precision": name, "path": "package", "concurrent": single})
+    loaded.engine.close()  # its worker thread holds the model: end it, or the next precision measures both
     loaded.engine = None
     del loaded
     gc.collect()

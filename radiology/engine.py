@@ -245,6 +245,15 @@ class DecodeEngine:
             size *= 2
         return time.perf_counter() - start
 
+    def close(self) -> None:
+        """Stop the worker thread and drop the cached graphs, so the model can be freed."""
+        with self._lock:
+            worker, self._worker = self._worker, None
+        if worker is not None and worker.is_alive():
+            self._pending.put(None)  # type: ignore[arg-type]  # the worker's signal to end
+            worker.join()
+        self._slots.clear()
+
     # ------------------------------------------------------------------ worker
 
     def _ensure_worker(self) -> None:
@@ -255,14 +264,24 @@ class DecodeEngine:
 
     def _serve(self) -> None:
         while True:
-            batch = [self._pending.get()]
+            first = self._pending.get()
+            if first is None:
+                return
+            batch = [first]
             deadline = time.perf_counter() + self.batch_wait_s
+            closing = False
             while len(batch) < self.max_batch:
                 try:
-                    batch.append(self._pending.get(timeout=max(0.0, deadline - time.perf_counter())))
+                    item = self._pending.get(timeout=max(0.0, deadline - time.perf_counter()))
                 except queue.Empty:
                     break
+                if item is None:
+                    closing = True
+                    break
+                batch.append(item)
             self._run_batch(batch)
+            if closing:
+                return
 
     def _bucket(self, n: int) -> int:
         size = 1

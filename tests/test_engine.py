@@ -118,3 +118,12 @@ def test_warm_up_serves_every_batch_size(fast):
     seconds = fast.engine.warm_up(build_inputs(fast.processor, IMAGES[0]), GenerationSettings(max_new_tokens=2))
     assert seconds > 0 and {1, 2, 4} <= set(fast.engine.batch_sizes)
     assert torch.is_inference_mode_enabled() is False
+
+
+def test_close_ends_the_worker_and_a_new_request_restarts_it(fast):
+    inputs = build_inputs(fast.processor, IMAGES[0])
+    fast.engine.generate_ids(inputs, GenerationSettings(max_new_tokens=2))
+    worker = fast.engine._worker
+    fast.engine.close()
+    assert not worker.is_alive()
+    assert fast.engine.generate_ids(inputs, GenerationSettings(max_new_tokens=2))
