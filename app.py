@@ -336,8 +336,8 @@ def dicom_summary(shown: UploadedImage) -> str:
     """The technical attribute list of a DICOM upload, as Markdown (empty for other images)."""
     if shown.dicom is None:
         return ""
-    items = " · ".join(f"**{_markdown_text(k)}:** {_markdown_text(v)}" for k, v in shown.dicom.attributes.items())
-    return f"DICOM (technical attributes only) · {items}"
+    items = " · ".join(f"{_markdown_text(k)}: {_markdown_text(v)}" for k, v in shown.dicom.attributes.items())
+    return f"**DICOM** (technical attributes only) · {items}"
 
 
 def _preview_outputs(shown: UploadedImage | None, set_controls: bool = True, window: str | None = None) -> tuple[Any, ...]:
@@ -553,8 +553,9 @@ def build_demo(served: DemoModel, config: AppConfig | None = None, stops: StopRe
 
         panel.upload.change(preview_upload, [panel.upload, panel.window], panel.preview_outputs(),
                             api_name="preview", concurrency_limit=None)
+        # A person choosing another window or frame (select: a dropdown choice fires input twice).
         view_inputs = [panel.upload, panel.window, panel.frame]
-        for event in (panel.window.input, panel.frame.input):
+        for event in (panel.window.select, panel.frame.input):
             event(show_preview, view_inputs, panel.preview_outputs(), api_visibility="private",
                   concurrency_limit=None, trigger_mode="always_last")
         run = generate_button.click(

@@ -380,7 +380,7 @@ def test_dicom_upload_shows_the_rendered_image_and_only_technical_attributes(app
     assert not np.array_equal(np.asarray(header[0]), np.asarray(lung[0]))
     attributes = value(lung[4])
     assert visible(lung[4]) and visible(lung[2])  # the attributes and the window selector appear for DICOM
-    assert "**Modality:** CT" in attributes and "**Rows x columns:** 128 x 128" in attributes
+    assert "Modality: CT" in attributes and "Rows x columns: 128 x 128" in attributes
     assert "lung (C -600, W 1500)" in attributes
     assert not visible(lung[1])  # no burned-in annotation declared: no warning
     text, about = client.predict(*generate_args(dicom, max_new_tokens=8), None, "lung", None, api_name="/generate")
@@ -424,7 +424,7 @@ def test_multi_frame_dicom_shows_the_middle_frame_and_takes_a_chosen_one(app_ser
     client = app_server.client()
     _, _, _, frame, attributes = preview(client, series)
     assert value(frame) == 6 and visible(frame) and "1 to 10" in frame["label"]
-    assert "**Frame shown:** 6 of 10" in value(attributes)
+    assert "Frame shown: 6 of 10" in value(attributes)
     _, first = client.predict(*generate_args(series, max_new_tokens=4), None, "header", 1, api_name="/generate")
     assert "frame 1 of 10" in first
     with pytest.raises(AppError, match="Frame 11 does not exist: this file has 10 frame.*numbered 1 to 10"):

@@ -150,3 +150,28 @@ def test_dicom_upload_window_history_and_a_baseline_side_by_side(browser, baseli
     assert screenshot.stat().st_size > 10_000
     print(f"screenshot: {screenshot}")
     page.close()
+
+
+def test_multi_frame_dicom_frame_box_changes_the_preview(browser, app_server, tmp_path):
+    from pydicom.data import get_testdata_file
+
+    series = tmp_path / "series.dcm"
+    series.write_bytes(Path(get_testdata_file("emri_small.dcm")).read_bytes())  # 10 frames
+    page = browser.new_page(viewport={"width": 1280, "height": 1100})
+    page.goto(app_server.url)
+    page.locator("#disclaimer").wait_for(state="visible", timeout=60_000)
+    page.locator("#upload input[type=file]").set_input_files(str(series))
+    frame = page.locator("#frame input")
+    frame.wait_for(state="visible", timeout=30_000)
+    assert frame.input_value() == "6" and "1 to 10" in page.locator("#frame").inner_text()
+    attributes = page.locator("#dicom-attributes")
+    assert "Frame shown: 6 of 10" in attributes.inner_text()
+    before = page.locator("#preview img").get_attribute("src")
+    frame.fill("2")
+    page.wait_for_function(
+        "() => document.querySelector('#dicom-attributes').innerText.includes('Frame shown: 2 of 10')",
+        timeout=30_000,
+    )
+    assert page.locator("#preview img").get_attribute("src") != before
+    assert not page.locator("#burned-in-warning").is_visible()
+    page.close()
