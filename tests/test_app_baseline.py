@@ -106,3 +106,14 @@ def test_errors_before_generation_leave_both_models_free(baseline_server, tmp_pa
         client.predict(*generate_args(notes), api_name="/generate")
     text, _, baseline_text, _ = client.predict(*generate_args(EXAMPLE, max_new_tokens=4), api_name="/generate")
     assert text.strip() and baseline_text.strip()
+
+
+def test_main_warms_up_each_model_and_logs_the_seconds(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    warmed, launched = [], []
+    # What warm_up_on_gpu returns on CUDA (seconds) for both models; launching is left out.
+    monkeypatch.setattr(app, "warm_up_on_gpu", lambda loaded: warmed.append(loaded.name) or 1.5)
+    monkeypatch.setattr(app, "launch", lambda demo, config: launched.append(config))
+    caplog.set_level("INFO", logger="radiology.app")
+    assert app.main(["--baseline", str(tiny_model_dir), "--cache_dir", str(tmp_path)]) == 0
+    assert warmed == ["tiny demo model (random weights)", tiny_model_dir.name] and len(launched) == 1
+    assert "model warmed up in 1.5 s" in caplog.text and "baseline warmed up in 1.5 s" in caplog.text
