@@ -3,6 +3,7 @@
     python app.py                                    # the embedded tiny model: meaningless text, for a first look
     python app.py --model runs/r1/merged             # a merged fine-tuned model (train.py's OUTPUT_DIR/merged)
     python app.py --model google/gemma-3-4b-pt --adapter runs/r1 --load_in_4bit
+    python app.py --model runs/r1/merged --baseline google/gemma-3-4b-pt   # both answers side by side
     RADIOLOGY_MODEL=your-org/your-model RADIOLOGY_CONCURRENCY=2 python app.py
 
 Every option has a RADIOLOGY_* environment variable (a flag wins over it); `python app.py --help` lists
@@ -25,7 +26,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,17 +36,26 @@ import gradio as gr
 from PIL import Image
 
 from radiology.data import DEFAULT_INSTRUCTION
+from radiology.dicom import HEADER_WINDOW
 from radiology.generate import GenerationSettings, LoadedModel, stream_text
 from radiology.serve import (
+    MAX_CONTEXT_CHARS,
     UPLOAD_SUFFIXES,
+    BaselineError,
     DemoModel,
     StopRegistry,
+    UploadedImage,
     UploadError,
-    describe_model,
+    UploadOptionError,
+    clean_context,
+    default_concurrency,
     free_accelerator_memory,
     is_out_of_memory,
     load_for_demo,
-    read_upload,
+    load_upload,
+    model_panel,
+    warm_up_on_gpu,
+    window_choices,
 )
 
 logger = logging.getLogger("radiology.app")
@@ -68,6 +78,10 @@ OUT_OF_MEMORY = (
     "The GPU ran out of memory on this request; its memory has been freed and the app keeps serving. "
     "Try fewer max new tokens or a smaller image, or start the app with --load_in_4bit (RADIOLOGY_4BIT=1)."
 )
+BASELINE_NOTICE = (
+    "{reason}, so this page shows the model's answer alone. Check --baseline (RADIOLOGY_BASELINE): a merged "
+    "model folder or a hub id reachable from this machine."
+)
 MAX_INSTRUCTION_CHARS = 2000
 # ZeroGPU Spaces: running Stop as a cancellation too, because the generation runs in a worker
 # process that the stop event of this process cannot reach.
@@ -83,6 +97,7 @@ class AppConfig:
 
     model: str | None = None
     adapter: str | None = None
+    baseline: str | None = None
     load_in_4bit: bool = False
     device: str | None = None
     require_model: bool = False
@@ -91,7 +106,7 @@ class AppConfig:
     port: int | None = None
     share: bool = False
     auth: list[tuple[str, str]] | None = None
-    concurrency: int = 1
+    concurrency: int | None = None  # None: 1 on the CPU, the decode engine's batch on a GPU
     max_queue: int = 16
     max_file_size: str = "20mb"
     max_new_tokens: int = 1024
@@ -129,6 +144,8 @@ def _positive_int(value: str) -> int:
 _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--model", "RADIOLOGY_MODEL", str, "merged model folder or hub id (default: the embedded tiny demo model)"),
     ("--adapter", "RADIOLOGY_ADAPTER", str, "LoRA adapter folder to apply to --model"),
+    ("--baseline", "RADIOLOGY_BASELINE", str,
+     "a second model (folder or hub id, e.g. the base model) whose answer is shown beside the model's"),
     ("--load_in_4bit", "RADIOLOGY_4BIT", _parse_bool, "load the weights in 4-bit NF4 instead of bf16"),
     ("--device", "RADIOLOGY_DEVICE", str, "cuda or cpu (default: cuda when present)"),
     ("--require_model", "RADIOLOGY_REQUIRE_MODEL", _parse_bool,
@@ -140,7 +157,8 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--share", "RADIOLOGY_SHARE", _parse_bool, "also serve through a temporary public gradio.live link"),
     ("--auth", "RADIOLOGY_AUTH", _parse_auth,
      "user:password[,user:password...] required to open the page (prefer the variable: flags show in ps)"),
-    ("--concurrency", "RADIOLOGY_CONCURRENCY", _positive_int, "generations running at once on the GPU (default 1)"),
+    ("--concurrency", "RADIOLOGY_CONCURRENCY", _positive_int,
+     "generations at once; on a GPU they are decoded together in one batch (default: 1 on the CPU, 4 on a GPU)"),
     ("--max_queue", "RADIOLOGY_MAX_QUEUE", _positive_int, "requests waiting at most; more are refused (default 16)"),
     ("--max_file_size", "RADIOLOGY_MAX_FILE_SIZE", str, "largest upload, e.g. 20mb (default 20mb)"),
     ("--max_new_tokens", "RADIOLOGY_MAX_NEW_TOKENS", _positive_int,
@@ -207,14 +225,30 @@ def _gpu_function(fn: Callable[..., Iterator[str]], duration: int) -> Callable[.
     return spaces.GPU(duration=duration)(fn) if spaces is not None else fn
 
 
+def _input_notes(shown: UploadedImage, context: str | None) -> str:
+    """What the settings line adds about the input: the DICOM window and frame, whether context was given."""
+    notes = ""
+    if shown.dicom is not None:
+        notes += f" · DICOM window: {shown.dicom.window}"
+        if shown.dicom.frames > 1:
+            notes += f", frame {shown.dicom.frame + 1} of {shown.dicom.frames}"
+    if context is not None:
+        notes += " · with clinical history"
+    return notes
+
+
 def make_generate(
-    loaded: LoadedModel, stops: StopRegistry, config: AppConfig
-) -> Callable[..., Iterator[tuple[str, str]]]:
-    """The Generate button's handler for one model: streams (text so far, the line under it)."""
+    models: Sequence[LoadedModel], stops: StopRegistry, config: AppConfig
+) -> Callable[..., Iterator[tuple[str, ...]]]:
+    """The Generate button's handler. For each model in turn (the served one, then a baseline) it
+    streams (text so far, the line under it): one pair per model, all pairs in every update."""
+    models = list(models)
 
     # Only picklable arguments (a key, not the event): on ZeroGPU this runs in a worker process.
-    def stream_on_gpu(key: str, image: Image.Image, instruction: str, settings: GenerationSettings) -> Iterator[str]:
-        yield from stream_text(loaded, image, instruction, settings, stop=stops.event(key))
+    def stream_on_gpu(
+        key: str, which: int, image: Image.Image, instruction: str, context: str | None, settings: GenerationSettings
+    ) -> Iterator[str]:
+        yield from stream_text(models[which], image, instruction, settings, context=context, stop=stops.event(key))
 
     stream_on_gpu = _gpu_function(stream_on_gpu, config.gpu_duration)
 
@@ -227,60 +261,149 @@ def make_generate(
         top_k: float,
         max_new_tokens: float,
         seed: float | None,
-        request: gr.Request,
-    ) -> Iterator[tuple[str, str]]:
+        context: str | None = None,
+        window: str | None = HEADER_WINDOW,
+        frame: float | None = None,
+        request: gr.Request | None = None,
+    ) -> Iterator[tuple[str, ...]]:
         try:
-            image = read_upload(upload)
+            shown = load_upload(upload, window, frame)
             settings = settings_from_ui(mode, temperature, top_p, top_k, max_new_tokens, seed, config.max_new_tokens)
             instruction = (instruction or "").strip() or DEFAULT_INSTRUCTION
             if len(instruction) > MAX_INSTRUCTION_CHARS:
                 raise ValueError(f"the instruction is longer than {MAX_INSTRUCTION_CHARS} characters; shorten it")
+            context = clean_context(context)
         except (ValueError, TypeError) as err:  # UploadError is a ValueError; TypeError: a missing value
             raise gr.Error(str(err), print_exception=False) from None
-        about = f"{loaded.name} · {loaded.precision} · {loaded.device} · {settings.describe()}"
-        text, started = "", time.perf_counter()
-        with stops.running(request.session_hash) as (key, stop):
-            try:
-                with closing(stream_on_gpu(key, image, instruction, settings)) as pieces:
-                    for text in pieces:
-                        yield text, f"{about} · generating…"
-            except Exception as err:
-                if is_out_of_memory(err):
-                    free_accelerator_memory()
-                    logger.warning("generation ran out of GPU memory; memory freed")
-                    raise gr.Error(OUT_OF_MEMORY, print_exception=False) from None
-                logger.exception("generation failed")  # the traceback holds code paths, no upload data
-                raise gr.Error(
-                    f"Generation failed ({type(err).__name__}). Try again; if it keeps failing, the server log "
-                    "has the details.",
-                    print_exception=False,
-                ) from None
-        ending = "stopped by user" if stop.requested else "done"
-        yield text, f"{about} · {ending} in {time.perf_counter() - started:.1f} s"
+        notes = _input_notes(shown, context)
+        abouts = [f"{m.name} · {m.precision} · {m.device} · {settings.describe()}{notes}" for m in models]
+        texts = [""] * len(models)
+        lines = [f"{about} · waiting" for about in abouts]
+
+        def update() -> tuple[str, ...]:
+            return tuple(item for pair in zip(texts, lines) for item in pair)
+
+        session = request.session_hash if request is not None else None
+        with stops.running(session) as (key, stop):
+            for which, about in enumerate(abouts):
+                if which:  # the previous model's stream has set its event: a fresh one, unless Stop was pressed
+                    stop = stops.renew(key)
+                if stop.requested:
+                    lines[which] = f"{about} · not run (stopped by user)"
+                    continue
+                lines[which], started = f"{about} · generating…", time.perf_counter()
+                yield update()
+                try:
+                    with closing(stream_on_gpu(key, which, shown.image, instruction, context, settings)) as pieces:
+                        for text in pieces:
+                            texts[which] = text
+                            yield update()
+                except Exception as err:
+                    if is_out_of_memory(err):
+                        free_accelerator_memory()
+                        logger.warning("generation ran out of GPU memory; memory freed")
+                        raise gr.Error(OUT_OF_MEMORY, print_exception=False) from None
+                    logger.exception("generation failed")  # the traceback holds code paths, no upload data
+                    raise gr.Error(
+                        f"Generation failed ({type(err).__name__}). Try again; if it keeps failing, the server "
+                        "log has the details.",
+                        print_exception=False,
+                    ) from None
+                ending = "stopped by user" if stop.requested else "done"
+                lines[which] = f"{about} · {ending} in {time.perf_counter() - started:.1f} s"
+        yield update()
 
     return generate
 
 
-def show_preview(upload: str | None) -> Image.Image | None:
-    """The image exactly as the model will get it (grayscale, 16-bit and TIFF files included)."""
+# --------------------------------------------------------------------------- preview
+
+
+def _banner_html(text: str, background: str, border: str, role: str = "note") -> str:
+    style = (
+        f"background:{background};border:2px solid {border};border-radius:8px;padding:12px 16px;"
+        "color:#111;font-size:1.05em;line-height:1.45"
+    )
+    return f'<div role="{role}" style="{style}">{html.escape(text)}</div>'
+
+
+def _markdown_text(text: str) -> str:
+    """``text`` with Markdown's markup characters escaped (``CHEST_ABDOMEN`` stays as written)."""
+    return "".join(f"\\{c}" if c in "\\`*_[]|~" else c for c in html.escape(text, quote=False))
+
+
+def dicom_summary(shown: UploadedImage) -> str:
+    """The technical attribute list of a DICOM upload, as Markdown (empty for other images)."""
+    if shown.dicom is None:
+        return ""
+    items = " · ".join(f"{_markdown_text(k)}: {_markdown_text(v)}" for k, v in shown.dicom.attributes.items())
+    return f"**DICOM** (technical attributes only) · {items}"
+
+
+def _preview_outputs(shown: UploadedImage | None, set_controls: bool = True, window: str | None = None) -> tuple[Any, ...]:
+    """Values for (preview, burned-in warning, window, frame, DICOM attributes). ``set_controls``:
+    show or hide the DICOM controls and put the frame shown into the frame box (off when the person
+    is changing them); ``window``: a value to put into the window selector."""
+    dicom = shown.dicom if shown is not None else None
+    warning = dicom.warning if dicom is not None else None
+    banner = gr.HTML(_banner_html(warning, "#ffe1e1", "#c62828", role="alert") if warning else "",
+                     visible=warning is not None)
+    summary = gr.Markdown(dicom_summary(shown) if shown is not None else "", visible=dicom is not None)
+    window_box: Any = gr.skip()
+    frame_box: Any = gr.skip()
+    if set_controls:
+        window_box = gr.Dropdown(visible=dicom is not None)
+        frame_box = gr.Number(visible=False)
+        if dicom is not None:
+            frame_box = gr.Number(value=dicom.frame + 1, label=f"Frame (1 to {dicom.frames})",
+                                  visible=dicom.frames > 1)
+    if window is not None:
+        window_box = gr.Dropdown(value=window, visible=True)
+    image = shown.image if shown is not None else None
+    return image, banner, window_box, frame_box, summary
+
+
+def show_preview(
+    upload: str | None, window: str | None = HEADER_WINDOW, frame: float | None = None, new_file: bool = False
+) -> tuple[Any, ...]:
+    """The image exactly as the model will get it (grayscale, 16-bit, TIFF and DICOM files included),
+    with a DICOM file's technical attributes and burned-in annotation warning. A window or frame
+    that does not fit the file gets a warning and the nearest view that fits."""
     if upload is None:
-        return None
+        return _preview_outputs(None)
     try:
-        return read_upload(upload)
+        return _preview_outputs(load_upload(upload, window, frame), set_controls=new_file)
+    except UploadOptionError as err:
+        problem = str(err)
     except UploadError as err:
         gr.Warning(str(err))
-        return None
+        return _preview_outputs(None)
+    # Keep what fits: the window with the middle frame, else the file's own window with the frame.
+    for fallback_window, fallback_frame, instead in (
+        (window, None, "the middle frame"),
+        (HEADER_WINDOW, frame, "the file's own window"),
+        (HEADER_WINDOW, None, "the file's own window and the middle frame"),
+    ):
+        try:
+            shown = load_upload(upload, fallback_window, fallback_frame)
+        except UploadError:
+            continue
+        gr.Warning(f"{problem} Showing {instead} instead.")
+        return _preview_outputs(shown, set_controls=True, window=fallback_window)
+    gr.Warning(problem)
+    return _preview_outputs(None)
+
+
+def preview_upload(upload: str | None, window: str | None = HEADER_WINDOW) -> tuple[Any, ...]:
+    """A new upload's preview: the chosen window (when it fits), the middle frame of a multi-frame file."""
+    return show_preview(upload, window, None, new_file=True)
 
 
 # --------------------------------------------------------------------------- UI
 
 
 def _banner(text: str, elem_id: str, background: str, border: str) -> gr.HTML:
-    style = (
-        f"background:{background};border:2px solid {border};border-radius:8px;padding:12px 16px;"
-        "color:#111;font-size:1.05em;line-height:1.45"
-    )
-    return gr.HTML(f'<div role="note" style="{style}">{html.escape(text)}</div>', elem_id=elem_id)
+    return gr.HTML(_banner_html(text, background, border), elem_id=elem_id)
 
 
 def _banners(served: DemoModel) -> None:
@@ -288,6 +411,10 @@ def _banners(served: DemoModel) -> None:
     if served.placeholder:
         reason = (served.reason or "no model is configured").rstrip(".")
         _banner(PLACEHOLDER_NOTICE.format(reason=reason[:1].upper() + reason[1:]), "demo-model-notice",
+                "#ffe1e1", "#c62828")
+    if served.baseline_reason:
+        reason = served.baseline_reason.rstrip(".")
+        _banner(BASELINE_NOTICE.format(reason=reason[:1].upper() + reason[1:]), "baseline-notice",
                 "#ffe1e1", "#c62828")
 
 
@@ -304,15 +431,30 @@ def load_examples(folder: Path = ASSETS) -> list[dict[str, str]]:
 class InputPanel:
     upload: gr.File
     preview: gr.Image
+    burned_in: gr.HTML
+    window: gr.Dropdown
+    frame: gr.Number
+    dicom_summary: gr.Markdown
+
+    def preview_outputs(self) -> list[gr.components.Component]:
+        """In the order of ``show_preview``'s values."""
+        return [self.preview, self.burned_in, self.window, self.frame, self.dicom_summary]
 
 
 def _input_panel() -> InputPanel:
-    # A file input, not gr.Image: gr.Image decodes uploads itself (its own errors, no TIFF preview),
-    # while every upload here goes through read_upload. DICOM joins through the same door.
+    # A file input, not gr.Image: gr.Image decodes uploads itself (its own errors, no TIFF or DICOM
+    # preview), while every upload here goes through load_upload.
     upload = gr.File(label="Image", file_types=list(UPLOAD_SUFFIXES), type="filepath", elem_id="upload")
+    burned_in = gr.HTML("", visible=False, elem_id="burned-in-warning")
     preview = gr.Image(label="What the model sees", type="pil", format="png", interactive=False, height=320,
                        elem_id="preview")
-    return InputPanel(upload=upload, preview=preview)
+    # DICOM only: shown once a DICOM file is uploaded.
+    with gr.Row():
+        window = gr.Dropdown(window_choices(), value=HEADER_WINDOW, label="DICOM window", visible=False,
+                             elem_id="window")
+        frame = gr.Number(value=None, precision=0, label="Frame", visible=False, elem_id="frame")
+    dicom_summary = gr.Markdown(visible=False, elem_id="dicom-attributes")
+    return InputPanel(upload, preview, burned_in, window, frame, dicom_summary)
 
 
 def _examples_gallery(upload: gr.File) -> None:
@@ -366,17 +508,23 @@ def _decoding_controls(config: AppConfig) -> DecodingControls:
     return DecodingControls(mode, temperature, top_p, top_k, max_new_tokens, seed)
 
 
+def _answer_box(label: str, elem_id: str, settings_id: str) -> list[gr.components.Component]:
+    """The streamed answer (copyable) and the line under it naming the model and the settings."""
+    answer = gr.Textbox(label=label, lines=10, interactive=False, buttons=["copy"], autoscroll=True, elem_id=elem_id)
+    return [answer, gr.Markdown(elem_id=settings_id)]
+
+
 def build_demo(served: DemoModel, config: AppConfig | None = None, stops: StopRegistry | None = None) -> gr.Blocks:
-    """The whole UI for one served model. Launch it with ``launch(demo, config)``."""
+    """The whole UI for the served model (and its baseline, side by side). Launch it with ``launch(demo, config)``."""
     config = config or AppConfig()
     stops = StopRegistry() if stops is None else stops  # (an empty registry is falsy: it has a length)
-    loaded = served.loaded
+    concurrency = config.concurrency or default_concurrency(served.loaded)
     # Uploads (and previews made from them) are deleted from Gradio's cache once upload_ttl old.
     delete_cache = (min(60, config.upload_ttl), config.upload_ttl)
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=delete_cache) as demo:
         _banners(served)
-        gr.Markdown(f"# {TITLE}\nUpload an image (PNG, JPEG, WebP, BMP, TIFF or GIF) or pick an example, "
-                    "adjust the instruction if you like, and press **Generate**.")
+        gr.Markdown(f"# {TITLE}\nUpload an image (PNG, JPEG, WebP, BMP, TIFF, GIF or DICOM) or pick an example, "
+                    "add the clinical history if you like, and press **Generate**.")
         with gr.Row(equal_height=False):
             with gr.Column():
                 panel = _input_panel()
@@ -384,25 +532,47 @@ def build_demo(served: DemoModel, config: AppConfig | None = None, stops: StopRe
             with gr.Column():
                 instruction = gr.Textbox(DEFAULT_INSTRUCTION, label="Instruction", lines=2,
                                          max_length=MAX_INSTRUCTION_CHARS, elem_id="instruction")
+                context = gr.Textbox(label="Clinical history / question (optional)", lines=2,
+                                     placeholder="e.g. 58-year-old smoker, cough for 3 weeks",
+                                     max_length=MAX_CONTEXT_CHARS, elem_id="context")
                 decoding = _decoding_controls(config)
                 with gr.Row():
                     generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
-                answer = gr.Textbox(label="Draft description (model output)", lines=10, interactive=False,
-                                    buttons=["copy"], autoscroll=True, elem_id="answer")
-                about = gr.Markdown(elem_id="answer-settings")
-                gr.Markdown(describe_model(loaded), elem_id="model-panel")
+                if served.baseline is None:
+                    answers = _answer_box("Draft description (model output)", "answer", "answer-settings")
+                panel_text = gr.Markdown(model_panel(served), elem_id="model-panel")
+        if served.baseline is not None:
+            # Side by side, full width: the served model on the left, the baseline on the right.
+            with gr.Row(equal_height=True):
+                with gr.Column():
+                    answers = _answer_box(f"Draft description: {served.loaded.name}", "answer", "answer-settings")
+                with gr.Column():
+                    answers += _answer_box(f"Baseline, for comparison: {served.baseline.name}", "baseline-answer",
+                                           "baseline-answer-settings")
 
-        panel.upload.change(show_preview, panel.upload, panel.preview, api_name="preview", concurrency_limit=None)
+        panel.upload.change(preview_upload, [panel.upload, panel.window], panel.preview_outputs(),
+                            api_name="preview", concurrency_limit=None)
+        # A person choosing another window or frame (select: a dropdown choice fires input twice).
+        view_inputs = [panel.upload, panel.window, panel.frame]
+        for event in (panel.window.select, panel.frame.input):
+            event(show_preview, view_inputs, panel.preview_outputs(), api_visibility="private",
+                  concurrency_limit=None, trigger_mode="always_last")
         run = generate_button.click(
-            make_generate(loaded, stops, config),
-            [panel.upload, instruction, *decoding.inputs()],
-            [answer, about],
+            make_generate(served.models, stops, config),
+            [panel.upload, instruction, *decoding.inputs(), context, panel.window, panel.frame],
+            answers,
             api_name="generate",
             # Every GPU-bound event shares one concurrency group: the limit is per GPU, not per button.
             concurrency_id="gpu",
-            concurrency_limit=config.concurrency,
+            concurrency_limit=concurrency,
         )
+        # The GPU's memory in use: read again on each page load and after each answer.
+        def refresh_panel() -> str:
+            return model_panel(served)
+
+        demo.load(refresh_panel, None, panel_text, api_visibility="private", concurrency_limit=None)
+        run.then(refresh_panel, None, panel_text, api_visibility="private", concurrency_limit=None)
 
         def stop(request: gr.Request) -> None:
             stops.stop(request.session_hash)
@@ -416,7 +586,8 @@ def build_demo(served: DemoModel, config: AppConfig | None = None, stops: StopRe
 
 def launch(demo: gr.Blocks, config: AppConfig, **overrides: Any) -> Any:
     """Queue (limits from ``config``) and serve; ``overrides`` go to ``Blocks.launch``."""
-    demo.queue(max_size=config.max_queue, default_concurrency_limit=config.concurrency)
+    # Every event sets its own limit (Generate: --concurrency); this default only covers any other.
+    demo.queue(max_size=config.max_queue, default_concurrency_limit=config.concurrency or 1)
     options: dict[str, Any] = dict(
         server_name=config.host,
         server_port=config.port,
@@ -435,13 +606,20 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     try:
         served = load_for_demo(config.model, config.adapter, config.load_in_4bit, config.device,
-                               config.cache_dir, config.require_model)
+                               config.cache_dir, config.require_model, baseline=config.baseline)
+    except BaselineError as err:  # only reached with --require_model
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except Exception as err:  # only reached with --require_model
         print(f"error: {config.model} could not be loaded: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
     if served.placeholder:
         logger.warning("serving the tiny demo model (%s): its output is meaningless", served.reason)
-    logger.info("model: %s, %s on %s", served.loaded.name, served.loaded.precision, served.loaded.device)
+    for role, loaded in zip(("model", "baseline"), served.models):
+        logger.info("%s: %s, %s on %s", role, loaded.name, loaded.precision, loaded.device)
+        seconds = warm_up_on_gpu(loaded)  # CUDA only: the first user would otherwise wait for graph capture
+        if seconds is not None:
+            logger.info("%s warmed up in %.1f s (CUDA graphs captured)", role, seconds)
     launch(build_demo(served, config), config)
     return 0
 

@@ -89,12 +89,13 @@ class RunningApp:
         self.demo.close()
 
 
-def start_app(cache_dir: Path, **options) -> RunningApp:
-    """Build and launch the demo on the tiny model, as `python app.py` does without a model."""
+def start_app(cache_dir: Path, baseline: Path | None = None, **options) -> RunningApp:
+    """Build and launch the demo on the tiny model, as `python app.py` does without a model (with
+    ``baseline``: as `python app.py --baseline FOLDER`)."""
     import app
     from radiology.serve import StopRegistry, load_for_demo
 
-    served = load_for_demo(None, cache_dir=cache_dir)
+    served = load_for_demo(None, cache_dir=cache_dir, baseline=str(baseline) if baseline else None)
     config = app.AppConfig(host="127.0.0.1", port=free_port(), **options)
     stops = StopRegistry()
     demo = app.build_demo(served, config, stops=stops)
@@ -106,5 +107,17 @@ def start_app(cache_dir: Path, **options) -> RunningApp:
 def app_server(tmp_path_factory):
     """One demo for the tests that only use it (concurrency 1, the default)."""
     running = start_app(tmp_path_factory.mktemp("app-cache"))
+    yield running
+    running.close()
+
+
+@pytest.fixture(scope="session")
+def baseline_server(tmp_path_factory):
+    """A demo that answers with the tiny model and, beside it, a baseline: another tiny model with
+    other random weights (seed 1), so that the two answers differ."""
+    from radiology.tiny import write_tiny_model
+
+    baseline = write_tiny_model(tmp_path_factory.mktemp("baseline") / "tiny-baseline-seed1", seed=1)
+    running = start_app(tmp_path_factory.mktemp("baseline-app-cache"), baseline=baseline)
     yield running
     running.close()

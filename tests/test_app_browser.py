@@ -102,3 +102,76 @@ def test_closing_the_tab_ends_its_generation(browser, app_server):
     while len(app_server.stops) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert len(app_server.stops) == 0, "closing the tab should have ended the generation"
+
+
+def test_dicom_upload_window_history_and_a_baseline_side_by_side(browser, baseline_server, tmp_path):
+    from radiology.dicom import BURNED_IN_WARNING
+    from tests.fixtures import sentinel_hits, write_sentinel_dicom
+
+    page = browser.new_page(viewport={"width": 1280, "height": 1100})
+    page.goto(baseline_server.url)
+    page.locator("#disclaimer").wait_for(state="visible", timeout=60_000)
+    dicom = write_sentinel_dicom(tmp_path, name="chest.dcm", burned_in_annotation="YES")
+    page.locator("#upload input[type=file]").set_input_files(str(dicom))
+    preview = page.locator("#preview img")
+    preview.wait_for(state="visible", timeout=30_000)
+    warning = page.locator("#burned-in-warning")
+    warning.wait_for(state="visible", timeout=30_000)
+    assert BURNED_IN_WARNING in warning.inner_text()
+    attributes = page.locator("#dicom-attributes")
+    assert "Modality: CT" in attributes.inner_text() and "Window: full range" in attributes.inner_text()
+
+    # A CT preset re-renders the preview and says which window is used.
+    before = preview.get_attribute("src")
+    page.locator("#window input").click()
+    page.get_by_text("lung: C -600 / W 1500 (CT only)").click()
+    page.wait_for_function(
+        "() => document.querySelector('#dicom-attributes').innerText.includes('lung (C -600, W 1500)')",
+        timeout=30_000,
+    )
+    assert preview.get_attribute("src") != before
+
+    page.locator("#context textarea").fill("58-year-old smoker, cough for 3 weeks")
+    page.locator("#generate").click()
+    page.wait_for_function(
+        "() => /done in/.test(document.querySelector('#baseline-answer-settings').innerText)", timeout=120_000,
+    )
+    answers = [page.locator(f"#{name} textarea").input_value() for name in ("answer", "baseline-answer")]
+    assert all(answer.strip() for answer in answers) and answers[0] != answers[1]
+    for name in ("answer-settings", "baseline-answer-settings"):
+        line = page.locator(f"#{name}").inner_text()
+        assert "DICOM window: lung" in line and "with clinical history" in line and "done in" in line
+    assert "**Baseline:**" not in page.locator("#model-panel").inner_text()  # rendered, not raw Markdown
+    assert "Baseline:" in page.locator("#model-panel").inner_text()
+    assert not sentinel_hits(page.content())  # nothing from the header reached the page
+
+    screenshot = tmp_path / "dicom-baseline.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    assert screenshot.stat().st_size > 10_000
+    print(f"screenshot: {screenshot}")
+    page.close()
+
+
+def test_multi_frame_dicom_frame_box_changes_the_preview(browser, app_server, tmp_path):
+    from pydicom.data import get_testdata_file
+
+    series = tmp_path / "series.dcm"
+    series.write_bytes(Path(get_testdata_file("emri_small.dcm")).read_bytes())  # 10 frames
+    page = browser.new_page(viewport={"width": 1280, "height": 1100})
+    page.goto(app_server.url)
+    page.locator("#disclaimer").wait_for(state="visible", timeout=60_000)
+    page.locator("#upload input[type=file]").set_input_files(str(series))
+    frame = page.locator("#frame input")
+    frame.wait_for(state="visible", timeout=30_000)
+    assert frame.input_value() == "6" and "1 to 10" in page.locator("#frame").inner_text()
+    attributes = page.locator("#dicom-attributes")
+    assert "Frame shown: 6 of 10" in attributes.inner_text()
+    before = page.locator("#preview img").get_attribute("src")
+    frame.fill("2")
+    page.wait_for_function(
+        "() => document.querySelector('#dicom-attributes').innerText.includes('Frame shown: 2 of 10')",
+        timeout=30_000,
+    )
+    assert page.locator("#preview img").get_attribute("src") != before
+    assert not page.locator("#burned-in-warning").is_visible()
+    page.close()
