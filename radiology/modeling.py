@@ -98,7 +98,7 @@ def lora_config(model_args: ModelConfig) -> LoraConfig:
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
         target_modules=model_args.lora_target_modules or "all-linear",
-        modules_to_save=modules_to_save,
+        modules_to_save=list(modules_to_save) if modules_to_save else None,  # PEFT edits the list it gets
         task_type=model_args.lora_task_type,
         use_rslora=model_args.use_rslora,
         use_dora=model_args.use_dora,
@@ -127,5 +127,10 @@ def load_training_model(model_args: ModelConfig) -> PreTrainedModel:
         quantization_config=quantization,
         device_map=device_map_for_process(),
     )
-    model.config.use_cache = False  # the KV cache is useless (and warned about) with checkpointing
+    # No KV cache in training: it is useless there, and FSDP's activation checkpointing (unlike the
+    # trainer's) does not turn it off, so a recomputed layer would append to it a second time. The
+    # language model reads its own config (text_config), not the top-level one.
+    for config in (model.config, getattr(model.config, "text_config", None)):
+        if config is not None:
+            config.use_cache = False
     return model
