@@ -11,13 +11,14 @@ The recipe's choices, with their reasons:
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
 from peft import LoraConfig
 from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig, PreTrainedModel, ProcessorMixin
 from trl import ModelConfig
+
+from radiology.distributed import fsdp_enabled, local_rank
 
 __all__ = [
     "HardwareError",
@@ -109,10 +110,12 @@ def lora_config(model_args: ModelConfig) -> LoraConfig:
 
 
 def device_map_for_process() -> dict[str, int | str] | None:
-    """Each process puts the whole model on its own GPU (DDP); None on CPU."""
-    if not torch.cuda.is_available():
+    """Where this process loads the model: the whole of it on its own GPU, the one of its local rank (one
+    process, or DDP); None on the CPU, and under FSDP, which places and shards the weights itself (the
+    PEFT and accelerate FSDP + QLoRA guides load without a device map)."""
+    if not torch.cuda.is_available() or fsdp_enabled():
         return None
-    return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return {"": local_rank()}
 
 
 def load_training_model(model_args: ModelConfig) -> PreTrainedModel:
