@@ -45,6 +45,9 @@ RECIPE_DEFAULTS: dict[str, Any] = {
     "activation_checkpointing": True,
     "activation_checkpointing_kwargs": {"use_reentrant": False},
     "optim": "adamw_torch_fused",
+    # Under DDP (accelerate launch): every trainable weight takes part in each step, so DDP need not
+    # search the graph for unused ones after every backward (its default for a PEFT model).
+    "ddp_find_unused_parameters": False,
     "learning_rate": 2e-4,  # QLoRA paper
     "max_grad_norm": 0.3,  # QLoRA paper
     "warmup_steps": 0.03,  # a float below 1 is a ratio of the total steps

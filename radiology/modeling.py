@@ -11,13 +11,14 @@ The recipe's choices, with their reasons:
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
 from peft import LoraConfig
 from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig, PreTrainedModel, ProcessorMixin
 from trl import ModelConfig
+
+from radiology.distributed import fsdp_enabled, local_rank
 
 __all__ = [
     "HardwareError",
@@ -98,7 +99,7 @@ def lora_config(model_args: ModelConfig) -> LoraConfig:
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
         target_modules=model_args.lora_target_modules or "all-linear",
-        modules_to_save=modules_to_save,
+        modules_to_save=list(modules_to_save) if modules_to_save else None,  # PEFT edits the list it gets
         task_type=model_args.lora_task_type,
         use_rslora=model_args.use_rslora,
         use_dora=model_args.use_dora,
@@ -109,10 +110,12 @@ def lora_config(model_args: ModelConfig) -> LoraConfig:
 
 
 def device_map_for_process() -> dict[str, int | str] | None:
-    """Each process puts the whole model on its own GPU (DDP); None on CPU."""
-    if not torch.cuda.is_available():
+    """Where this process loads the model: the whole of it on its own GPU, the one of its local rank (one
+    process, or DDP); None on the CPU, and under FSDP, which places and shards the weights itself (the
+    PEFT and accelerate FSDP + QLoRA guides load without a device map)."""
+    if not torch.cuda.is_available() or fsdp_enabled():
         return None
-    return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return {"": local_rank()}
 
 
 def load_training_model(model_args: ModelConfig) -> PreTrainedModel:
@@ -127,5 +130,10 @@ def load_training_model(model_args: ModelConfig) -> PreTrainedModel:
         quantization_config=quantization,
         device_map=device_map_for_process(),
     )
-    model.config.use_cache = False  # the KV cache is useless (and warned about) with checkpointing
+    # No KV cache in training: it is useless there, and FSDP's activation checkpointing (unlike the
+    # trainer's) does not turn it off, so a recomputed layer would append to it a second time. The
+    # language model reads its own config (text_config), not the top-level one.
+    for config in (model.config, getattr(model.config, "text_config", None)):
+        if config is not None:
+            config.use_cache = False
     return model

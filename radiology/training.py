@@ -2,6 +2,10 @@
 
     python train.py --config recipes/gemma3-4b-qlora.yaml --output_dir runs/r1
     python train.py --config recipes/gemma3-4b-qlora.yaml --output_dir runs/r1 --evaluate
+    accelerate launch --config_file recipes/accelerate/ddp.yaml train.py --config recipes/gemma3-4b-qlora.yaml --output_dir runs/r1
+
+Under ``accelerate launch`` every process trains and takes part in saving the adapter (a collective
+step under FSDP); then the main process alone merges and evaluates, while the others finish.
 """
 
 from __future__ import annotations
@@ -28,6 +32,12 @@ from radiology.data import (
     load_caption_splits,
     prepare_caption_dataset,
 )
+from radiology.distributed import (
+    check_fsdp_model,
+    check_single_process_gpus,
+    hand_checkpointing_to_fsdp,
+    world_size,
+)
 from radiology.evaluate import EvalConfig, EvaluationError, check_eval_output_dir, run_evaluation
 from radiology.generate import GenerationSettings
 from radiology.memory import GpuMemoryCallback
@@ -43,6 +53,7 @@ __all__ = [
     "evaluation_config",
     "resolve_resume",
     "run_training",
+    "save_adapter",
 ]
 
 logger = logging.getLogger(__name__)
@@ -232,18 +243,29 @@ def _rerun_command(config: EvalConfig) -> str:
     return " ".join(shlex.quote(p) if i else p for i, p in enumerate(parts))
 
 
-def _release(*objects: object) -> None:
-    for obj in objects:
-        del obj
+def _release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def save_adapter(trainer: SFTTrainer, output_dir: str) -> None:
+    """Save the adapter and processor in output_dir. Every process must call it: under FSDP the weights
+    are gathered from all of them (the main process alone writes)."""
+    if trainer.is_fsdp_enabled:
+        # Checkpoints stay sharded (one file per process, fast to resume); the adapter that from_pretrained
+        # loads needs the full state dict. With a sharded type, save_model would write no weights at all.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(output_dir)
 
 
 def run_training(
     script_args: RadiologyArguments, training_args: SFTConfig, model_args: ModelConfig
 ) -> TrainingOutcome:
     """Fine-tune, save the adapter (and processor) in output_dir, then merge into bf16 weights."""
+    check_single_process_gpus(training_args.n_gpu)  # several GPUs need accelerate launch, not one process
+    check_fsdp_model(model_args)
+    hand_checkpointing_to_fsdp(training_args, script_args.checkpointing_scope)
     check_bf16_support()
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     check_output_dir(training_args.output_dir, resume, script_args.overwrite_output_dir)
@@ -257,9 +279,11 @@ def run_training(
         check_evaluation_setup(script_args, training_args)
 
     prepared = load_training_data(script_args, training_args)
+    if world_size() > 1:
+        logger.info("Training on %d processes (%s)", world_size(), PartialState().distributed_type.value)
     trainer = build_trainer(script_args, training_args, model_args, prepared)
     result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(training_args.output_dir)  # adapter + processor (with chat template)
+    save_adapter(trainer, training_args.output_dir)  # adapter + processor (with chat template)
     state = PartialState()
     outcome = TrainingOutcome(
         adapter_dir=Path(training_args.output_dir),
@@ -269,11 +293,16 @@ def run_training(
         rows=len(prepared.dataset),
     )
     if training_args.push_to_hub:
-        trainer.push_to_hub()
+        trainer.push_to_hub()  # every process: it saves (collective under FSDP); the main one uploads
     processor = trainer.processing_class
-    _release(trainer)
+    del trainer  # free the training model before the merge loads the bf16 one
+    _release_memory()
     state.wait_for_everyone()
-    if script_args.merge and model_args.use_peft and state.is_main_process:
+    # The last collective step. From here on the main process works alone: a long merge or evaluation
+    # cannot run into the communication timeout of a barrier, and the other processes finish.
+    if not state.is_main_process:
+        return outcome
+    if script_args.merge and model_args.use_peft:
         outcome.merged_dir = merge_adapter(
             base_model=model_args.model_name_or_path,
             adapter_dir=training_args.output_dir,
@@ -283,10 +312,7 @@ def run_training(
             device=script_args.merge_device,
             revision=model_args.model_revision,
         )
-    state.wait_for_everyone()
-    # After the last barrier, on the main process only: the other processes are free to exit, and
-    # a long evaluation cannot run into the collective-communication timeout of a barrier.
-    if script_args.evaluate and state.is_main_process:
+    if script_args.evaluate:
         config = evaluation_config(script_args, training_args, model_args, outcome)
         try:
             outcome.eval_dir = run_evaluation(config).output_dir

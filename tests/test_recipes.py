@@ -44,6 +44,7 @@ def test_defaults_without_a_recipe_are_the_seed_recipe(tmp_path):
     assert training.warmup_steps == 0.03 and training.lr_scheduler_type == "constant_with_warmup"
     assert training.logging_steps == 5 and training.save_strategy == "epoch"
     assert training.report_to == ["tensorboard"] and not training.push_to_hub
+    assert training.ddp_find_unused_parameters is False  # under DDP every trained weight takes part
 
 
 def test_flags_override_the_recipe(tmp_path):
