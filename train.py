@@ -13,18 +13,44 @@ Under `accelerate launch` (several GPUs, see recipes/accelerate/) only the main 
 import logging
 import sys
 
+import torch
+
 from radiology.config import parse_args
 from radiology.distributed import is_main_process, quiet_other_processes
 from radiology.training import run_training
 
 
+OUT_OF_MEMORY = (
+    "the GPU ran out of memory ({detail}). Lower --per_device_train_batch_size (raise "
+    "--gradient_accumulation_steps to keep the samples per step), lower --max_length, or keep "
+    "--activation_checkpointing on. Checkpoints already saved in --output_dir are kept: continue with "
+    "--resume_from_checkpoint last."
+)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted (tests swap it for a capture)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     # force: an imported library (absl, through rouge-score) may already have claimed the root logger.
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, force=True)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, force=True,
+                        handlers=[_StderrHandler()])
     quiet_other_processes()
     try:
         script_args, training_args, model_args = parse_args(argv)
         outcome = run_training(script_args, training_args, model_args)
+    except torch.OutOfMemoryError as err:
+        print(f"error: {OUT_OF_MEMORY.format(detail=str(err).splitlines()[0])}", file=sys.stderr)
+        return 2
     except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as err:
         if logging.getLogger().isEnabledFor(logging.DEBUG):
             raise

@@ -130,3 +130,15 @@ def test_checkpointing_scope_picks_the_recomputed_layers(tiny_model_dir, seed_da
     vision = {v for n, v in layers.items() if "vision_tower" in n}
     text = {v for n, v in layers.items() if "language_model" in n}
     assert vision == {scope in ("all", "vision")} and text == {scope in ("all", "text")}
+
+
+def test_out_of_memory_is_a_clear_error_naming_the_fix(tiny_model_dir, seed_data_dir, tmp_path, capsys, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "run_training", out_of_memory)
+    assert train.main(tiny_args(tiny_model_dir, seed_data_dir, tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert "ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in err
+    assert "--per_device_train_batch_size" in err and "--resume_from_checkpoint last" in err
+    assert "Traceback" not in err
