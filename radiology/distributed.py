@@ -15,15 +15,15 @@ from __future__ import annotations
 import logging
 import os
 
-from trl import ModelConfig, SFTConfig
+from trl import ModelConfig
 
 __all__ = [
     "LaunchError",
+    "check_fsdp_checkpointing",
     "check_fsdp_model",
     "check_single_process_gpus",
     "fsdp_activation_checkpointing",
     "fsdp_enabled",
-    "hand_checkpointing_to_fsdp",
     "is_main_process",
     "local_rank",
     "quiet_other_processes",
@@ -116,17 +116,17 @@ def check_fsdp_model(model_args: ModelConfig) -> None:
         )
 
 
-def hand_checkpointing_to_fsdp(training_args: SFTConfig, checkpointing_scope: str) -> None:
-    """With fsdp_activation_checkpointing, FSDP recomputes the activations of every layer it wraps; the
-    trainer's own checkpointing is switched off (the trainer refuses both, and both would recompute twice)."""
-    if not fsdp_activation_checkpointing() or not training_args.activation_checkpointing:
-        return
-    if checkpointing_scope != "all":
+def check_fsdp_checkpointing() -> None:
+    """Refuse FSDP's own activation checkpointing (fsdp_activation_checkpointing: true), before loading.
+
+    It wraps every layer in torch's checkpoint wrapper, which renames the modules
+    (`layers.0._checkpoint_wrapped_module.mlp`); PEFT finds the LoRA weights by module name and then saves an
+    adapter holding only the head/embedding, silently (seen on 2 GPUs with the 27B recipe). The trainer's
+    activation checkpointing, on in every recipe, recomputes the same layers without renaming them."""
+    if fsdp_activation_checkpointing():
         raise LaunchError(
-            f"--checkpointing_scope {checkpointing_scope} selects layers for the trainer's activation checkpointing, "
-            "but the FSDP config turns on FSDP's own (fsdp_activation_checkpointing), which recomputes every "
-            "wrapped layer of both towers. Use --checkpointing_scope all, or set fsdp_activation_checkpointing: "
-            "false in the accelerate config to keep the trainer's."
+            "The accelerate config sets fsdp_activation_checkpointing: true, with which the saved adapter loses "
+            "its LoRA weights (FSDP's checkpoint wrapper renames the layers PEFT looks for). Set "
+            f"fsdp_activation_checkpointing: false (as {FSDP_CONFIG} does): the recipe's activation_checkpointing "
+            "recomputes the same layers."
         )
-    logger.info("Activation checkpointing: FSDP's (from the accelerate config); the trainer's is off")
-    training_args.activation_checkpointing = training_args.gradient_checkpointing = False

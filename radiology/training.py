@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
+from safetensors import safe_open
 from transformers import TrainerCallback
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.trainer_utils import get_last_checkpoint
@@ -35,7 +36,7 @@ from radiology.data import (
 from radiology.distributed import (
     check_fsdp_model,
     check_single_process_gpus,
-    hand_checkpointing_to_fsdp,
+    check_fsdp_checkpointing,
     world_size,
 )
 from radiology.evaluate import EvalConfig, EvaluationError, check_eval_output_dir, run_evaluation
@@ -50,6 +51,7 @@ __all__ = [
     "TrainingOutcome",
     "build_trainer",
     "check_evaluation_setup",
+    "check_saved_adapter",
     "evaluation_config",
     "resolve_resume",
     "run_training",
@@ -257,6 +259,22 @@ def save_adapter(trainer: SFTTrainer, output_dir: str) -> None:
         # loads needs the full state dict. With a sharded type, save_model would write no weights at all.
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(output_dir)
+    if trainer.args.should_save:
+        check_saved_adapter(Path(output_dir))
+
+
+def check_saved_adapter(output_dir: Path) -> None:
+    """A saved adapter without LoRA weights loads without complaint and changes nothing: stop at once."""
+    adapter = output_dir / "adapter_model.safetensors"
+    if not adapter.exists():
+        return  # no PEFT (--use_peft false): the full model was saved
+    with safe_open(str(adapter), framework="pt") as saved:
+        if not any("lora_" in key for key in saved.keys()):
+            raise RuntimeError(
+                f"{adapter} holds no LoRA weights (only {', '.join(sorted(saved.keys())[:4])}); the trained "
+                "adapter was lost while saving. Any checkpoint-* folder in the output folder still holds the training "
+                "state (--resume_from_checkpoint last); please report this with your launch command."
+            )
 
 
 def run_training(
@@ -265,7 +283,7 @@ def run_training(
     """Fine-tune, save the adapter (and processor) in output_dir, then merge into bf16 weights."""
     check_single_process_gpus(training_args.n_gpu)  # several GPUs need accelerate launch, not one process
     check_fsdp_model(model_args)
-    hand_checkpointing_to_fsdp(training_args, script_args.checkpointing_scope)
+    check_fsdp_checkpointing()
     check_bf16_support()
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     check_output_dir(training_args.output_dir, resume, script_args.overwrite_output_dir)

@@ -3,12 +3,13 @@ environment that `accelerate launch --config_file recipes/accelerate/fsdp-qlora.
 
     torchrun --nproc_per_node 2 tests/fsdp2_worker.py TINY_MODEL_DIR OUT.json
 
-accelerate runs FSDP only on accelerators, so its Trainer path cannot run here; this process applies the
-same two steps accelerate takes for FSDP2 (fsdp2_apply_ac, then fsdp2_prepare_model) with the plugin that
-the config's environment describes, to the tiny Gemma 3 loaded as train.py loads it (4-bit NF4 stored in
-bf16, LoRA on every linear layer, the tied lm_head/embed_tokens trained in full). An unsharded copy with
-the same trained weights takes the same forward and backward. Rank 0 writes both losses and the largest
-relative differences between their gradients and between the adapter weights as saving gathers them.
+accelerate runs FSDP only on accelerators, so its Trainer path cannot run here; this process takes the
+trainer's steps for FSDP2 (its non-reentrant activation checkpointing, accelerate's fsdp2_prepare_model with
+the plugin that the config's environment describes, then the gathered state dict handed to the PEFT model's
+save_pretrained) on the tiny Gemma 3 loaded as train.py loads it (4-bit NF4 stored in bf16, LoRA on every
+linear layer, the tied lm_head/embed_tokens trained in full). An unsharded copy with the same trained
+weights takes the same forward and backward. Rank 0 writes both losses and the largest relative
+differences between their gradients and between the saved adapter's weights.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import torch
 import torch.distributed as dist
 import yaml
 from accelerate.utils import FullyShardedDataParallelPlugin
-from accelerate.utils.fsdp_utils import fsdp2_apply_ac, fsdp2_prepare_model
+from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from peft import get_peft_model, get_peft_model_state_dict
+from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 from trl import ModelConfig
@@ -36,6 +38,7 @@ from radiology.collate import CaptionCollator  # noqa: E402
 from radiology.config import RECIPE_DEFAULTS  # noqa: E402
 from radiology.distributed import check_fsdp_model  # noqa: E402
 from radiology.modeling import load_processor, load_training_model, lora_config  # noqa: E402
+from radiology.training import check_saved_adapter  # noqa: E402
 from tests.fixtures import real_images  # noqa: E402
 
 
@@ -71,8 +74,9 @@ def _accelerator() -> SimpleNamespace:
 
 def _prepare(model: torch.nn.Module) -> torch.nn.Module:
     accelerator = _accelerator()
-    if accelerator.state.fsdp_plugin.activation_checkpointing:
-        model = fsdp2_apply_ac(accelerator, model)
+    assert not accelerator.state.fsdp_plugin.activation_checkpointing, "the config leaves checkpointing to the trainer"
+    # What the Trainer does before accelerate wraps the model, with the recipes' activation_checkpointing_kwargs.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return fsdp2_prepare_model(accelerator, model)
 
 
@@ -110,18 +114,20 @@ def main(model_dir: str, out: str) -> None:
     expected = dict(reference.named_parameters())
     grads = {}
     for name, param in sharded.named_parameters():
-        name = name.replace("._checkpoint_wrapped_module", "")
         if name in trained:
             grads[name] = _relative(param.grad, expected[name].grad)
     # The adapter as save_model gathers it (accelerate's get_state_dict for FSDP2), 4-bit weights included;
-    # a collective call, whose result only rank 0 receives.
+    # a collective call, whose result only rank 0 receives and writes through the sharded PEFT model, as the
+    # Trainer's _save does (names and all: a renamed layer would lose its LoRA weights here).
     full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    full = {k.replace("._checkpoint_wrapped_module", ""): v for k, v in full.items()}
 
     if dist.get_rank() == 0:
-        adapter = get_peft_model_state_dict(reference, state_dict=full)
+        saved_dir = Path(out).with_suffix(".adapter")
+        sharded.save_pretrained(saved_dir, state_dict=full)
+        check_saved_adapter(saved_dir)
+        adapter = load_file(saved_dir / "adapter_model.safetensors")
         wanted = get_peft_model_state_dict(reference)
-        saved = max(_relative(adapter[k], wanted[k]) for k in wanted)
+        saved = max(_relative(adapter[k], wanted[k]) for k in wanted) if adapter.keys() == wanted.keys() else None
         Path(out).write_text(json.dumps({
             "world_size": dist.get_world_size(),
             "loss": loss.item(),
@@ -132,7 +138,8 @@ def main(model_dir: str, out: str) -> None:
             "adapter_tensors_expected": len(wanted),
             "max_relative_saved_difference": saved,
             "packed_weight_dtypes": packed,
-            "checkpointed_layers": sum(1 for m in sharded.modules() if "CheckpointWrapper" in type(m).__name__),
+            "checkpointed_layers": sum(1 for m in sharded.modules() if getattr(m, "gradient_checkpointing", False)
+                                       and type(m).__name__.endswith("Layer")),
             "sharded_layers": sorted(type(m).__name__ for m in sharded.modules() if "Layer" in type(m).__name__
                                      and type(m).__name__.startswith("FSDP")),
         }))

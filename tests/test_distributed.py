@@ -19,7 +19,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.distributed.fsdp import CPUOffloadPolicy
 from transformers import AutoModelForImageTextToText
 from trl import SFTConfig
@@ -28,14 +28,14 @@ import train
 from radiology.config import parse_args
 from radiology.distributed import (
     LaunchError,
+    check_fsdp_checkpointing,
     check_fsdp_model,
     check_single_process_gpus,
     fsdp_activation_checkpointing,
     fsdp_enabled,
-    hand_checkpointing_to_fsdp,
 )
 from radiology.modeling import device_map_for_process
-from radiology.training import save_adapter
+from radiology.training import check_saved_adapter, save_adapter
 from tests.conftest import ROOT, free_port, run_cli
 
 CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
@@ -105,14 +105,15 @@ def test_fsdp_config_shards_both_towers_layer_by_layer(tiny_model_dir, monkeypat
         monkeypatch.setenv(key, value)
     plugin = FullyShardedDataParallelPlugin()  # read from the environment, as in each launched process
     assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
-    assert plugin.cpu_ram_efficient_loading and plugin.activation_checkpointing
+    assert plugin.cpu_ram_efficient_loading and not plugin.activation_checkpointing  # the trainer's does it
     assert plugin.state_dict_type.name == "SHARDED_STATE_DICT" and not isinstance(plugin.cpu_offload, CPUOffloadPolicy)
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
     wrap = fsdp2_prepare_auto_wrap_policy(plugin, model)  # raises on a class name the model lacks
     units = [type(m).__name__ for m in model.modules() if wrap(m)]
     layers = model.config.text_config.num_hidden_layers + model.config.vision_config.num_hidden_layers
     assert sorted(set(units)) == ["Gemma3DecoderLayer", "SiglipEncoderLayer"] and len(units) == layers
-    assert fsdp_enabled() and fsdp_activation_checkpointing()
+    assert fsdp_enabled() and not fsdp_activation_checkpointing()
+    check_fsdp_checkpointing()  # the config as shipped passes
 
 
 # --------------------------------------------------------------------------- DDP on two CPU processes
@@ -180,11 +181,12 @@ def test_fsdp2_shards_the_4bit_recipe_model_without_changing_its_gradients(tiny_
     found = json.loads(out.read_text())
     assert found["world_size"] == 2 and found["packed_weight_dtypes"] == ["torch.bfloat16"]
     assert found["sharded_layers"] == ["FSDPGemma3DecoderLayer"] * 2 + ["FSDPSiglipEncoderLayer"]
-    assert found["checkpointed_layers"] == 3, "FSDP's activation checkpointing wraps every sharded layer"
+    assert found["checkpointed_layers"] == 3, "the trainer's activation checkpointing covers every sharded layer"
     # LoRA on every linear layer of both towers plus the tied head/embedding, trained in full.
     assert found["trained_weights"] == 41 and found["max_relative_grad_difference"] < 1e-3
     assert found["loss"] == pytest.approx(found["reference_loss"], abs=0.02)  # bf16 rounding of the loss
     assert found["adapter_tensors_saved"] == found["adapter_tensors_expected"] > 0
+    assert found["max_relative_saved_difference"] is not None, "the saved adapter's names differ from PEFT's own"
     assert found["max_relative_saved_difference"] < 1e-6
 
 
@@ -232,17 +234,20 @@ def test_fsdp_refuses_weights_it_cannot_shard(monkeypatch, tmp_path, flags, mess
     check_fsdp_model(parse_args(recipe)[2])  # the recipe as shipped shards
 
 
-def test_fsdp_checkpointing_replaces_the_trainers(monkeypatch, tmp_path):
-    recipe = ["--config", "recipes/gemma3-27b-qlora.yaml", "--output_dir", str(tmp_path), *CPU]
-    _, training, _ = parse_args(recipe)
-    hand_checkpointing_to_fsdp(training, "all")
-    assert training.activation_checkpointing, "without FSDP the trainer keeps its checkpointing"
+def test_fsdp_own_checkpointing_is_refused_before_loading(monkeypatch, tmp_path, capsys, tiny_model_dir,
+                                                          seed_data_dir):
     for key, value in launch_env(FSDP).items():
         monkeypatch.setenv(key, value)
-    with pytest.raises(LaunchError, match="--checkpointing_scope vision"):
-        hand_checkpointing_to_fsdp(training, "vision")
-    hand_checkpointing_to_fsdp(training, "all")
-    assert not training.activation_checkpointing and not training.gradient_checkpointing
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")  # what fsdp_activation_checkpointing: true gives
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the data or the model was loaded before the checkpointing check")
+
+    monkeypatch.setattr("radiology.training.load_training_data", must_not_load)
+    monkeypatch.setattr("radiology.training.build_trainer", must_not_load)
+    assert train.main(tiny_args(tiny_model_dir, seed_data_dir, tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert "fsdp_activation_checkpointing: false" in err and "loses its LoRA weights" in err
 
 
 def test_save_adapter_gathers_the_full_state_dict_under_fsdp():
@@ -252,7 +257,18 @@ def test_save_adapter_gathers_the_full_state_dict_under_fsdp():
         is_fsdp_enabled=True,
         accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)),
         save_model=lambda output_dir: saved.append((output_dir, plugin.state_dict_type.name)),
+        args=SimpleNamespace(should_save=False),  # a process other than the main one: it gathers, writes nothing
     )
     save_adapter(trainer, "runs/r1")
     # With a sharded type Trainer.save_model writes no weights; the adapter must be gathered whole.
     assert saved == [("runs/r1", "FULL_STATE_DICT")]
+
+
+def test_an_adapter_saved_without_its_lora_weights_is_an_error(tmp_path):
+    head = {"base_model.model.lm_head.weight": torch.zeros(4, 2)}
+    lora = {"base_model.model.model.language_model.layers.0.mlp.up_proj.lora_A.weight": torch.zeros(2, 2)}
+    save_file(head, tmp_path / "adapter_model.safetensors")  # what PEFT wrote when it missed the LoRA layers
+    with pytest.raises(RuntimeError, match="holds no LoRA weights"):
+        check_saved_adapter(tmp_path)
+    save_file({**head, **lora}, tmp_path / "adapter_model.safetensors")
+    check_saved_adapter(tmp_path)
