@@ -81,16 +81,17 @@ if selected 4b-ddp; then  # 4 samples per step on each GPU: 8 per step in all, a
     --config recipes/gemma3-4b-qlora.yaml $(common "$cache/gemma3-4b" "$steps_4b") --output_dir "$cache/run-4b-ddp"
 fi
 if selected 27b-fsdp; then  # the 27B recipe sharded; the final adapter is gathered and saved whole
-  measure 27b-fsdp $fsdp $(common "$cache/gemma3-27b" "$steps_27b") --output_dir "$cache/run-27b-fsdp"
+  measure 27b-fsdp $fsdp $(common "$cache/gemma3-27b" "$steps_27b") --output_dir "$cache/run-27b-fsdp" ${FLAGS_27B:-}
   python3 -c "from safetensors.torch import load_file; w = load_file('$cache/run-27b-fsdp/adapter_model.safetensors'); \
-print(len(w), 'adapter tensors,', sum(t.numel() for t in w.values()), 'values')" | tee -a "$results/27b-fsdp.log"
+print(len(w), 'adapter tensors,', sum('lora_' in k for k in w), 'of them LoRA,', sum(t.numel() for t in w.values()), 'values')" \
+    | tee -a "$results/27b-fsdp.log"
 fi
 if selected 27b-resume; then  # a sharded checkpoint at step 3, resumed to step 6, then one merge (on CPU)
   rm -rf "$cache/run-27b-resume"
   measure 27b-fsdp-save $fsdp $(common "$cache/gemma3-27b" 3) --save_strategy steps --save_steps 3 \
     --output_dir "$cache/run-27b-resume"
   measure 27b-fsdp-resume $fsdp $(common "$cache/gemma3-27b" 6) --save_strategy steps --save_steps 3 \
-    --output_dir "$cache/run-27b-resume" --resume_from_checkpoint last --merge true --merge_device cpu
+    --output_dir "$cache/run-27b-resume" --resume_from_checkpoint last --merge "${MERGE_27B:-true}" --merge_device cpu
   ls -la "$cache/run-27b-resume" "$cache/run-27b-resume"/checkpoint-* | tee -a "$results/27b-fsdp-resume.log"
 fi
 if selected 27b-ddp; then  # a whole 4-bit 27B per card, for comparison with FSDP
