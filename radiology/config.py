@@ -145,7 +145,10 @@ class RadiologyArguments:
             "metrics.json, predictions.jsonl and report.html (see python -m radiology.evaluate)."
         },
     )
-    eval_split: str = field(default="test", metadata={"help": "Held-out split to evaluate on."})
+    eval_split: str = field(
+        default="test",
+        metadata={"help": "Held-out split for --evaluate and for the loss that --eval_strategy steps|epoch logs."},
+    )
     eval_max_samples: int | None = field(
         default=None, metadata={"help": "Evaluate on the first N rows of --eval_split (default: all)."}
     )

@@ -266,7 +266,8 @@ def load_caption_splits(
         if split not in loaded:
             raise DatasetError(
                 f"split {split!r} not found in {name}; splits found: {', '.join(sorted(loaded))}. "
-                "Choose one with --dataset_train_split (training) or --split (evaluation, audit)."
+                "Choose one with --dataset_train_split (training), --eval_split (train.py's held-out loss and "
+                "--evaluate) or --split (radiology.evaluate, radiology.audit)."
             )
     chosen = {split: loaded[split] for split in (splits or list(loaded))}
     if path.is_dir() or path.is_file():

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
+from datasets import Dataset
 from safetensors import safe_open
 from transformers import TrainerCallback
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -53,6 +54,7 @@ __all__ = [
     "check_evaluation_setup",
     "check_saved_adapter",
     "evaluation_config",
+    "load_eval_data",
     "resolve_resume",
     "run_training",
     "save_adapter",
@@ -135,6 +137,41 @@ def load_training_data(script_args: RadiologyArguments, training_args: SFTConfig
     return prepared
 
 
+def loss_evaluation_requested(training_args: SFTConfig) -> bool:
+    """--eval_strategy steps|epoch: the trainer reports the loss on the held-out split while training."""
+    return str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "no"
+
+
+def load_eval_data(script_args: RadiologyArguments, training_args: SFTConfig) -> Dataset | None:
+    """The held-out rows (--eval_split, first --eval_max_samples) whose loss the trainer logs as eval_loss.
+
+    Under several processes each one scores its share and the trainer gathers the losses, dropping the
+    rows repeated to even out the shares, so the figure is the one a single process would report."""
+    if not loss_evaluation_requested(training_args):
+        return None
+    raw = load_caption_dataset(
+        script_args.dataset_name, script_args.eval_split, script_args.dataset_config, script_args.image_column
+    )
+    with PartialState().main_process_first():
+        prepared = prepare_caption_dataset(
+            raw,
+            image_column=script_args.image_column,
+            caption_column=script_args.caption_column,
+            id_column=script_args.id_column,
+            context_column=script_args.context_column,
+            max_samples=script_args.eval_max_samples,
+            num_proc=training_args.dataset_num_proc,
+        )
+    if len(prepared.dataset) == 0:
+        raise DatasetError(
+            f"--eval_strategy {training_args.eval_strategy}: no usable row in --eval_split {script_args.eval_split!r} "
+            f"of {script_args.dataset_name}; choose another split or pass --eval_strategy no"
+        )
+    # Only the loss is wanted: without this the trainer would keep every batch's logits (262k per token).
+    training_args.prediction_loss_only = True
+    return prepared.dataset
+
+
 class SelectiveCheckpointing(TrainerCallback):
     """Keep activation checkpointing only on one tower. The vision tower holds ~3/4 of the
     activations (4096 patches per image); recomputing only it saves most of the memory at a
@@ -172,6 +209,7 @@ def build_trainer(
     training_args: SFTConfig,
     model_args: ModelConfig,
     prepared: PreparedDataset,
+    eval_dataset: Dataset | None = None,
 ) -> SFTTrainer:
     processor = load_processor(model_args.model_name_or_path, script_args.processor_name_or_path)
     model = load_training_model(model_args)
@@ -180,6 +218,7 @@ def build_trainer(
         model=model,
         args=training_args,
         train_dataset=prepared.dataset,
+        eval_dataset=eval_dataset,
         data_collator=collator,
         processing_class=processor,
         peft_config=lora_config(model_args) if model_args.use_peft else None,
@@ -297,9 +336,10 @@ def run_training(
         check_evaluation_setup(script_args, training_args)
 
     prepared = load_training_data(script_args, training_args)
+    eval_dataset = load_eval_data(script_args, training_args)
     if world_size() > 1:
         logger.info("Training on %d processes (%s)", world_size(), PartialState().distributed_type.value)
-    trainer = build_trainer(script_args, training_args, model_args, prepared)
+    trainer = build_trainer(script_args, training_args, model_args, prepared, eval_dataset)
     result = trainer.train(resume_from_checkpoint=resume)
     save_adapter(trainer, training_args.output_dir)  # adapter + processor (with chat template)
     state = PartialState()

@@ -190,6 +190,40 @@ def test_fsdp2_shards_the_4bit_recipe_model_without_changing_its_gradients(tiny_
     assert found["max_relative_saved_difference"] < 1e-6
 
 
+# Two steps with the held-out loss logged at the start and after step 2, one row per evaluation batch.
+EVAL_LOSS = ["--max_steps", "2", "--eval_strategy", "steps", "--eval_steps", "2", "--eval_on_start", "true",
+             "--per_device_eval_batch_size", "1", "--eval_max_samples", "5", "--merge", "false"]
+
+
+def _eval_losses(out: Path) -> list[float]:
+    history = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    return [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+
+
+def test_held_out_loss_is_gathered_across_processes(tmp_path, tiny_model_dir, seed_data_dir):
+    run_cli("train.py", *tiny_args(tiny_model_dir, seed_data_dir, tmp_path / "one", *EVAL_LOSS))
+    accelerate_launch(*tiny_args(tiny_model_dir, seed_data_dir, tmp_path / "two", *EVAL_LOSS))
+    one, two = _eval_losses(tmp_path / "one"), _eval_losses(tmp_path / "two")
+    assert len(one) == len(two) == 2  # at the start and after step 2
+    # Before any step both runs hold the same weights. Two processes score 3 and 2 rows (plus one repeated
+    # to even the shares, dropped again when gathered): their loss must be the single process's over all 5.
+    assert two[0] == pytest.approx(one[0], rel=1e-4)
+    # And the figure depends on which rows are scored (3 of them give another), so a process reporting
+    # only its own share would not match.
+    run_cli("train.py", *tiny_args(tiny_model_dir, seed_data_dir, tmp_path / "three", *EVAL_LOSS,
+                                   "--eval_max_samples", "3"))
+    assert abs(_eval_losses(tmp_path / "three")[0] - one[0]) > 1e-3
+
+
+def test_held_out_loss_on_a_missing_split_names_the_splits_found(tmp_path, capsys, tiny_model_dir, seed_data_dir):
+    args = tiny_args(tiny_model_dir, seed_data_dir, tmp_path / "out", "--eval_strategy", "steps",
+                     "--eval_split", "validation")
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert "split 'validation' not found" in err and "test, train" in err and "--eval_split" in err
+    assert not (tmp_path / "out" / "checkpoint-2").exists()
+
+
 # --------------------------------------------------------------------------- checks before loading
 
 
