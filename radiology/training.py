@@ -111,19 +111,27 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
     return str(resume)
 
 
-def load_training_data(script_args: RadiologyArguments, training_args: SFTConfig) -> PreparedDataset:
-    raw = load_caption_dataset(
-        script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config, script_args.image_column
+def _prepare_split(
+    script_args: RadiologyArguments, training_args: SFTConfig, split: str, max_samples: int | None
+) -> PreparedDataset:
+    """One split of --dataset_name under the canonical columns, bad rows dropped. Call it inside
+    main_process_first: one process validates and caches, the others reuse the cache."""
+    raw = load_caption_dataset(script_args.dataset_name, split, script_args.dataset_config, script_args.image_column)
+    return prepare_caption_dataset(
+        raw,
+        image_column=script_args.image_column,
+        caption_column=script_args.caption_column,
+        id_column=script_args.id_column,
+        context_column=script_args.context_column,
+        max_samples=max_samples,
+        num_proc=training_args.dataset_num_proc,
     )
-    with PartialState().main_process_first():  # one process validates and caches; the others reuse it
-        prepared = prepare_caption_dataset(
-            raw,
-            image_column=script_args.image_column,
-            caption_column=script_args.caption_column,
-            id_column=script_args.id_column,
-            context_column=script_args.context_column,
-            max_samples=script_args.max_train_samples,
-            num_proc=training_args.dataset_num_proc,
+
+
+def load_training_data(script_args: RadiologyArguments, training_args: SFTConfig) -> PreparedDataset:
+    with PartialState().main_process_first():
+        prepared = _prepare_split(
+            script_args, training_args, script_args.dataset_train_split, script_args.max_train_samples
         )
         thresholds = script_args.quality_thresholds()
         if thresholds.filters_rows or script_args.drop_duplicates or script_args.drop_images_in_split:
@@ -149,19 +157,8 @@ def load_eval_data(script_args: RadiologyArguments, training_args: SFTConfig) ->
     rows repeated to even out the shares, so the figure is the one a single process would report."""
     if not loss_evaluation_requested(training_args):
         return None
-    raw = load_caption_dataset(
-        script_args.dataset_name, script_args.eval_split, script_args.dataset_config, script_args.image_column
-    )
     with PartialState().main_process_first():
-        prepared = prepare_caption_dataset(
-            raw,
-            image_column=script_args.image_column,
-            caption_column=script_args.caption_column,
-            id_column=script_args.id_column,
-            context_column=script_args.context_column,
-            max_samples=script_args.eval_max_samples,
-            num_proc=training_args.dataset_num_proc,
-        )
+        prepared = _prepare_split(script_args, training_args, script_args.eval_split, script_args.eval_max_samples)
     if len(prepared.dataset) == 0:
         raise DatasetError(
             f"--eval_strategy {training_args.eval_strategy}: no usable row in --eval_split {script_args.eval_split!r} "
