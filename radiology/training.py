@@ -35,9 +35,9 @@ from radiology.data import (
     prepare_caption_dataset,
 )
 from radiology.distributed import (
+    check_fsdp_checkpointing,
     check_fsdp_model,
     check_single_process_gpus,
-    check_fsdp_checkpointing,
     world_size,
 )
 from radiology.evaluate import EvalConfig, EvaluationError, check_eval_output_dir, run_evaluation
@@ -145,9 +145,9 @@ def load_training_data(script_args: RadiologyArguments, training_args: SFTConfig
     return prepared
 
 
-def loss_evaluation_requested(training_args: SFTConfig) -> bool:
-    """--eval_strategy steps|epoch: the trainer reports the loss on the held-out split while training."""
-    return str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "no"
+def _eval_strategy(training_args: SFTConfig) -> str:
+    """--eval_strategy as given (no, steps, epoch): TrainingArguments turns it into an enum."""
+    return str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy))
 
 
 def load_eval_data(script_args: RadiologyArguments, training_args: SFTConfig) -> Dataset | None:
@@ -155,15 +155,10 @@ def load_eval_data(script_args: RadiologyArguments, training_args: SFTConfig) ->
 
     Under several processes each one scores its share and the trainer gathers the losses, dropping the
     rows repeated to even out the shares, so the figure is the one a single process would report."""
-    if not loss_evaluation_requested(training_args):
+    if _eval_strategy(training_args) == "no":
         return None
     with PartialState().main_process_first():
         prepared = _prepare_split(script_args, training_args, script_args.eval_split, script_args.eval_max_samples)
-    if len(prepared.dataset) == 0:
-        raise DatasetError(
-            f"--eval_strategy {training_args.eval_strategy}: no usable row in --eval_split {script_args.eval_split!r} "
-            f"of {script_args.dataset_name}; choose another split or pass --eval_strategy no"
-        )
     # Only the loss is wanted: without this the trainer would keep every batch's logits (262k per token).
     training_args.prediction_loss_only = True
     return prepared.dataset

@@ -37,6 +37,7 @@ from radiology.distributed import (
 from radiology.modeling import device_map_for_process
 from radiology.training import check_saved_adapter, save_adapter
 from tests.conftest import ROOT, free_port, run_cli
+from tests.fixtures import seed_rows, write_seed_parquet
 
 CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
 DDP = "recipes/accelerate/ddp.yaml"
@@ -222,6 +223,19 @@ def test_held_out_loss_on_a_missing_split_names_the_splits_found(tmp_path, capsy
     err = capsys.readouterr().err
     assert "split 'validation' not found" in err and "test, train" in err and "--eval_split" in err
     assert not (tmp_path / "out" / "checkpoint-2").exists()
+
+
+def test_held_out_loss_on_a_split_without_a_usable_row_is_refused_before_loading(tmp_path, capsys, monkeypatch,
+                                                                                   tiny_model_dir):
+    from datasets import Dataset, Image as ImageFeature
+
+    data = write_seed_parquet(tmp_path / "data", {"train": 4})
+    bad = seed_rows(0, bad_rows=True)  # an unreadable image and an empty caption
+    Dataset.from_list(bad).cast_column("image", ImageFeature()).to_parquet(str(data / "test.parquet"))
+    monkeypatch.setattr("radiology.training.build_trainer", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert train.main(tiny_args(tiny_model_dir, data, tmp_path / "out", "--eval_strategy", "steps")) == 2
+    err = capsys.readouterr().err
+    assert "no usable rows left (0 rows kept; dropped 2: 1 empty caption, 1 unreadable image)" in err
 
 
 # --------------------------------------------------------------------------- checks before loading
