@@ -238,18 +238,22 @@ def test_held_out_loss_on_a_split_without_a_usable_row_is_refused_before_loading
     assert "no usable rows left (0 rows kept; dropped 2: 1 empty caption, 1 unreadable image)" in err
 
 
-# --------------------------------------------------------------------------- checks before loading
-
-
-def test_several_gpus_in_one_process_are_refused_before_loading(monkeypatch, tmp_path, capsys,
-                                                                 tiny_model_dir, seed_data_dir):
-    monkeypatch.setattr(SFTConfig, "n_gpu", property(lambda self: 2))  # what 2 visible GPUs give one process
-
+@pytest.fixture
+def refuse_loading(monkeypatch):
+    """Make loading the data or the model a test failure: for checks that must stop train.py before either."""
     def must_not_load(*args, **kwargs):
-        raise AssertionError("the data or the model was loaded before the launch check")
+        raise AssertionError("the data or the model was loaded before the check that should have stopped it")
 
     monkeypatch.setattr("radiology.training.load_training_data", must_not_load)
     monkeypatch.setattr("radiology.training.build_trainer", must_not_load)
+
+
+# --------------------------------------------------------------------------- checks before loading
+
+
+def test_several_gpus_in_one_process_are_refused_before_loading(monkeypatch, tmp_path, capsys, refuse_loading,
+                                                                 tiny_model_dir, seed_data_dir):
+    monkeypatch.setattr(SFTConfig, "n_gpu", property(lambda self: 2))  # what 2 visible GPUs give one process
     assert train.main(tiny_args(tiny_model_dir, seed_data_dir, tmp_path / "out")) == 2
     err = capsys.readouterr().err
     assert "2 GPUs are visible to this single process" in err
@@ -282,17 +286,11 @@ def test_fsdp_refuses_weights_it_cannot_shard(monkeypatch, tmp_path, flags, mess
     check_fsdp_model(parse_args(recipe)[2])  # the recipe as shipped shards
 
 
-def test_fsdp_own_checkpointing_is_refused_before_loading(monkeypatch, tmp_path, capsys, tiny_model_dir,
-                                                          seed_data_dir):
+def test_fsdp_own_checkpointing_is_refused_before_loading(monkeypatch, tmp_path, capsys, refuse_loading,
+                                                          tiny_model_dir, seed_data_dir):
     for key, value in launch_env(FSDP).items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")  # what fsdp_activation_checkpointing: true gives
-
-    def must_not_load(*args, **kwargs):
-        raise AssertionError("the data or the model was loaded before the checkpointing check")
-
-    monkeypatch.setattr("radiology.training.load_training_data", must_not_load)
-    monkeypatch.setattr("radiology.training.build_trainer", must_not_load)
     assert train.main(tiny_args(tiny_model_dir, seed_data_dir, tmp_path / "out")) == 2
     err = capsys.readouterr().err
     assert "fsdp_activation_checkpointing: false" in err and "loses its LoRA weights" in err
