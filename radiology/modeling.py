@@ -136,4 +136,14 @@ def load_training_model(model_args: ModelConfig) -> PreTrainedModel:
     for config in (model.config, getattr(model.config, "text_config", None)):
         if config is not None:
             config.use_cache = False
+    _keep_cpu_4bit_weights_trainable(model)
     return model
+
+
+def _keep_cpu_4bit_weights_trainable(model: PreTrainedModel) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place the first time it runs in
+    eval mode (the held-out loss of --eval_strategy) and training then fails on the repacked weight
+    ("a view of a leaf Variable ... in-place operation"). A training model keeps the plain layout."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False

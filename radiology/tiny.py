@@ -109,16 +109,18 @@ def build_tiny_processor(
 def _tiny_config(processor: Gemma3Processor) -> Gemma3Config:
     tok = processor.tokenizer
     end_of_turn = tok.convert_tokens_to_ids("<end_of_turn>")
+    # Every linear layer's input width is a multiple of 64, bitsandbytes' 4-bit block size: on CPUs with
+    # AVX512-BF16, its 4-bit inference path repacks weights per block and fails on narrower layers.
     return Gemma3Config(
         text_config=dict(
-            model_type="gemma3_text", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+            model_type="gemma3_text", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
             layer_types=["sliding_attention", "full_attention"], sliding_window=512,
-            query_pre_attn_scalar=16, max_position_embeddings=2048,
+            query_pre_attn_scalar=32, max_position_embeddings=2048,
             pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=[tok.eos_token_id, end_of_turn],
         ),
         vision_config=dict(
-            model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            model_type="siglip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
             num_attention_heads=2, image_size=TINY_IMAGE_SIZE, patch_size=16, vision_use_head=False,
         ),
         mm_tokens_per_image=TINY_TOKENS_PER_IMAGE,

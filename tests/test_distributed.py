@@ -208,12 +208,14 @@ def test_held_out_loss_is_gathered_across_processes(tmp_path, tiny_model_dir, se
     assert len(one) == len(two) == 2  # at the start and after step 2
     # Before any step both runs hold the same weights. Two processes score 3 and 2 rows (plus one repeated
     # to even the shares, dropped again when gathered): their loss must be the single process's over all 5.
-    assert two[0] == pytest.approx(one[0], rel=1e-4)
+    agreement = abs(two[0] - one[0])
+    assert agreement <= 1e-5 * one[0]
     # And the figure depends on which rows are scored (3 of them give another), so a process reporting
-    # only its own share would not match.
+    # only its own share would not match. (A random model scores every row near ln(vocab), so the rows
+    # differ little: the difference is compared with the agreement above, not with a fixed margin.)
     run_cli("train.py", *tiny_args(tiny_model_dir, seed_data_dir, tmp_path / "three", *EVAL_LOSS,
                                    "--eval_max_samples", "3"))
-    assert abs(_eval_losses(tmp_path / "three")[0] - one[0]) > 1e-3
+    assert abs(_eval_losses(tmp_path / "three")[0] - one[0]) > max(10 * agreement, 1e-4)
 
 
 def test_held_out_loss_on_a_missing_split_names_the_splits_found(tmp_path, capsys, tiny_model_dir, seed_data_dir):
