@@ -60,6 +60,8 @@ __all__ = [
     "FULL_RANGE",
     "HEADER_WINDOW",
     "MAX_BYTES_ENV",
+    "MULTI_WINDOW",
+    "MULTI_WINDOW_RANGES",
     "WINDOW_CHOICES",
     "WINDOW_PRESETS",
     "CorruptDicomError",
@@ -73,6 +75,7 @@ __all__ = [
     "TruncatedDicomError",
     "UnsupportedDicomError",
     "has_dicom_preamble",
+    "read_dicom_frames",
     "read_dicom_image",
 ]
 
@@ -95,6 +98,19 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
 HEADER_WINDOW = "header"  # the file's VOI LUT or window, else the full range (the default)
 FULL_RANGE = "full"  # the frame's minimum..maximum, whatever the file says
 WINDOW_CHOICES: tuple[str, ...] = (HEADER_WINDOW, FULL_RANGE, *WINDOW_PRESETS)
+
+# Three CT windows in the R, G and B channels of one image, as MedGemma was trained to read CT:
+# Google's notebook notebooks/high_dimensional_ct_hugging_face.ipynb (github.com/Google-Health/medgemma)
+# clips Hounsfield units to each (lowest, highest) range below, scales it to 0..255 and rounds;
+# Google-Health/medgemma issue 27 confirms this multi-window input is the intended preprocessing.
+# Accepted as a window by read_dicom_image for CT images (kept out of WINDOW_CHOICES, the list of
+# single-channel windows).
+MULTI_WINDOW = "multi"
+MULTI_WINDOW_RANGES: tuple[tuple[str, float, float], ...] = (
+    ("wide", -1024.0, 1024.0),  # red: air to above bone
+    ("soft tissue", -135.0, 215.0),  # green: fat to the start of bone
+    ("brain", 0.0, 80.0),  # blue: water to brain
+)
 
 BURNED_IN_WARNING = (
     "This file declares burned-in annotation: text in the pixels may identify the patient. "
@@ -702,6 +718,24 @@ def _render_grayscale(
     return pixels, label
 
 
+def _render_multi_window(stored: np.ndarray, ds: Dataset, index: int) -> tuple[np.ndarray, str]:
+    """Stored values -> Hounsfield units -> the three MULTI_WINDOW_RANGES in R, G, B (CT only)."""
+    if not _is_ct(ds):
+        raise DicomOptionError(
+            f"the '{MULTI_WINDOW}' window puts three CT windows in Hounsfield units into R, G, B and this image "
+            f"is not CT; use '{HEADER_WINDOW}' or '{FULL_RANGE}'"
+        )
+    with _failure_as(CorruptDicomError, "the header's rescale (modality LUT) values could not be applied"):
+        values = np.asarray(apply_modality_lut(stored, _modality_source(ds, index)), dtype=np.float64)
+    channels = np.empty((*values.shape, 3), dtype=np.uint8)
+    for channel, (_, low, high) in enumerate(MULTI_WINDOW_RANGES):
+        channels[..., channel] = _to_uint8((np.clip(values, low, high) - low) * (255.0 / (high - low)))
+    # No MONOCHROME1 inversion: this is a fixed encoding of Hounsfield units (what the model learned),
+    # not a display of the stored values, so the same tissue gives the same colour in every file.
+    label = f"{MULTI_WINDOW} (" + ", ".join(f"{name} {low:g}..{high:g} HU" for name, low, high in MULTI_WINDOW_RANGES) + ")"
+    return channels, label
+
+
 def _header_voi(values: np.ndarray, ds: Dataset, index: int) -> tuple[np.ndarray, str]:
     try:
         lut = _voi_lut(values, ds)
@@ -761,14 +795,16 @@ def _attributes(ds: Dataset, layout: _Layout, index: int, window_label: str) -> 
 
 
 def _check_window_choice(window: str | tuple[float, float] | None) -> None:
-    if window is None or window in WINDOW_CHOICES:
+    if window is None or window in WINDOW_CHOICES or window == MULTI_WINDOW:
         return
     if isinstance(window, tuple) and len(window) == 2:
         center, width = (float(v) for v in window)
         if np.isfinite(center) and np.isfinite(width) and width >= 1:
             return
         raise ValueError("a custom window is (center, width) with finite numbers and width >= 1")
-    raise ValueError(f"unknown window {window!r}; choose one of {', '.join(WINDOW_CHOICES)} or give (center, width)")
+    raise ValueError(
+        f"unknown window {window!r}; choose one of {', '.join((*WINDOW_CHOICES, MULTI_WINDOW))} or give (center, width)"
+    )
 
 
 def read_dicom_image(
@@ -781,7 +817,8 @@ def read_dicom_image(
     """Render a DICOM file (path, bytes or binary file object) as the 8-bit RGB image the model gets.
 
     ``window``: None or ``"header"`` (the file's VOI LUT or window, else the full range), ``"full"``
-    (the frame's full range), a CT preset from WINDOW_PRESETS, or a custom ``(center, width)``.
+    (the frame's full range), a CT preset from WINDOW_PRESETS, ``"multi"`` (MULTI_WINDOW: three
+    CT windows in R, G, B), or a custom ``(center, width)``.
     ``frame``: 0-based; None takes the middle frame. ``max_bytes`` caps the file's size, the pixel
     data its header declares and the float copy of the rendered frame, all checked before decoding
     (default: the RADIOLOGY_DICOM_MAX_BYTES environment variable, else 512 MiB).
@@ -797,6 +834,25 @@ def read_dicom_image(
     ds, ended_early = _parse(data, dcm_name)
     with _quiet_pydicom():
         return _render(ds, ended_early, window, frame, limit)
+
+
+def read_dicom_frames(
+    source: str | os.PathLike[str] | bytes | bytearray | BinaryIO,
+    frames: list[int],
+    window: str | tuple[float, float] | None = None,
+    *,
+    max_bytes: int | None = None,
+) -> list[DicomImage]:
+    """Several frames (0-based) of one multi-frame file, read and parsed once; otherwise as
+    ``read_dicom_image``. Each frame is decoded on its own, so memory holds the file and one frame."""
+    _check_window_choice(window)
+    if isinstance(window, tuple):
+        window = (float(window[0]), float(window[1]))
+    limit = _limit(max_bytes)
+    data, dcm_name = _read_source(source, limit)
+    ds, ended_early = _parse(data, dcm_name)
+    with _quiet_pydicom():
+        return [_render(ds, ended_early, window, frame, limit) for frame in frames]
 
 
 def _render(ds: Dataset, ended_early: bool, window: str | tuple[float, float] | None, frame: int | None, limit: int) -> DicomImage:
@@ -821,10 +877,14 @@ def _render(ds: Dataset, ended_early: bool, window: str | tuple[float, float] | 
     if layout.photometric in _MONOCHROME:
         if stored.ndim != 2:
             raise UnsupportedDicomError("the decoded frame does not have the single sample a grayscale image needs")
-        gray, label = _render_grayscale(stored, ds, layout, index, window)
-        image = Image.fromarray(gray, mode="L").convert("RGB")
+        if window == MULTI_WINDOW:
+            rgb, label = _render_multi_window(stored, ds, index)
+            image = Image.fromarray(rgb, mode="RGB")
+        else:
+            gray, label = _render_grayscale(stored, ds, layout, index, window)
+            image = Image.fromarray(gray, mode="L").convert("RGB")
     else:
-        if window in WINDOW_PRESETS or isinstance(window, tuple):
+        if window in WINDOW_PRESETS or window == MULTI_WINDOW or isinstance(window, tuple):
             raise DicomOptionError(f"window settings apply to grayscale images and this one is colour; use '{HEADER_WINDOW}'")
         rgb = _render_colour(stored, ds, layout)
         if rgb.ndim != 3 or rgb.shape[-1] != 3:
