@@ -358,3 +358,57 @@ def test_a_served_model_without_vision_is_named_as_such(tmp_path):
     finally:
         text_only.stop()
     assert message is not None and "has no vision tower" in message and "multimodal merged folder" in message
+
+
+class RefusingServer:
+    """A minimal HTTP server answering as vLLM does (its error body, status 400) to every chat
+    request: how vLLM refuses images for a text-only model, or more images than it allows."""
+
+    def __init__(self, message: str):
+        import json
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def _send(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                self._send(200, {"object": "list", "data": [{"id": "served", "object": "model"}]})
+
+            def do_POST(self):  # noqa: N802
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self._send(400, {"object": "error", "message": message, "type": "BadRequestError",
+                                 "param": None, "code": 400})
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("At most 0 image(s) may be provided in one prompt.", "has no vision tower"),
+    ("served is not a multimodal model None", "has no vision tower"),
+    ("At most 2 image(s) may be provided in one prompt. Set `--limit-mm-per-prompt` to increase this limit.",
+     "takes at most 2 image"),
+])
+def test_vllm_refusals_become_messages_that_say_what_to_do(image, message, expected):
+    refusing = RefusingServer(message)
+    try:
+        with pytest.raises(RemoteModelError, match=expected):
+            RemoteModel(refusing.url).generate([image, image, image])
+        if "vision" in expected:
+            assert expected in check_server(refusing.url)
+    finally:
+        refusing.close()
