@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, StaticLayer
 
+from radiology.tokens import never_generated, special_ids
+
 __all__ = ["DecodeEngine", "EngineRequest"]
 
 logger = logging.getLogger(__name__)
@@ -149,8 +151,6 @@ class DecodeEngine:
 
     def __init__(self, loaded: Any, max_batch: int = 4, max_len: int | None = None, use_graphs: bool | None = None,
                  batch_wait_s: float = 0.01):
-        from radiology.collate import special_ids
-
         self.loaded = loaded
         self.model = loaded.model
         self.device = next(self.model.parameters()).device
@@ -160,10 +160,8 @@ class DecodeEngine:
         window = getattr(self.model.config.get_text_config(), "sliding_window", None) or 1024
         self.max_len = min(max_len or window, window)
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
-        ids = special_ids(loaded.processor)
-        self.pad_id = ids.pad
-        self.stop_ids = torch.tensor(loaded.stop_token_ids, device=self.device)
-        self.suppress = torch.tensor([ids.image, ids.boi], device=self.device)
+        self.pad_id = special_ids(loaded.processor).pad
+        self.suppress = torch.tensor(never_generated(loaded.processor), device=self.device)
         self.tokenizer = loaded.processor.tokenizer
         self._slots: dict[int, _Slot] = {}
         self._pending: queue.Queue[EngineRequest] = queue.Queue()

@@ -33,10 +33,9 @@ from transformers import (
     TextIteratorStreamer,
 )
 
-from radiology.collate import special_ids
-from radiology.data import DEFAULT_INSTRUCTION, build_messages, decode_image
-from radiology.merge import stop_ids
+from radiology.data import DEFAULT_INSTRUCTION, build_messages, control_token_in, decode_image
 from radiology.modeling import load_processor
+from radiology.tokens import never_generated, special_ids, stop_ids
 
 __all__ = [
     "GenerationSettings",
@@ -249,14 +248,12 @@ def _generate_kwargs(
     moved = {k: v.to(device) for k, v in inputs.items()}
     if "pixel_values" in moved:
         moved["pixel_values"] = moved["pixel_values"].to(torch.bfloat16)
-    ids = special_ids(loaded.processor)
     kwargs: dict[str, Any] = dict(
         **moved,
         **settings.generate_kwargs(),
         eos_token_id=loaded.stop_token_ids,
-        pad_token_id=ids.pad,
-        # The image placeholder tokens must never be generated: they would need pixels.
-        suppress_tokens=[ids.image, ids.boi],
+        pad_token_id=special_ids(loaded.processor).pad,
+        suppress_tokens=never_generated(loaded.processor),
     )
     if stop is not None:
         kwargs["stopping_criteria"] = StoppingCriteriaList([StopSignal(stop)])
