@@ -288,7 +288,7 @@ def generate_batch(
         contexts = list(contexts) if contexts is not None else [None] * len(images)
         prompts = [build_inputs(loaded.processor, image, instruction, context)
                    for image, context in zip(images, contexts)]
-        if all(loaded.engine.fits(p["input_ids"].shape[1]) for p in prompts):
+        if all(loaded.engine.fits(p["input_ids"].shape[1], settings.max_new_tokens) for p in prompts):
             ids = loaded.engine.generate_many(prompts, settings, stop)
             return [loaded.processor.decode(row, skip_special_tokens=True).strip() for row in ids]
     inputs = build_batch_inputs(loaded.processor, images, instruction, contexts)
@@ -327,7 +327,7 @@ def stream_text(
     settings = settings or GenerationSettings()
     stop = stop or threading.Event()
     inputs = build_inputs(loaded.processor, image, instruction, context)
-    if loaded.engine is not None and loaded.engine.fits(inputs["input_ids"].shape[1]):
+    if loaded.engine is not None and loaded.engine.fits(inputs["input_ids"].shape[1], settings.max_new_tokens):
         yield from loaded.engine.stream(inputs, settings, stop)
         return
     streamer = TextIteratorStreamer(
