@@ -12,6 +12,7 @@ image at a time.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import threading
 import time
@@ -98,6 +99,12 @@ class GenerationSettings:
 
 @dataclass
 class LoadedModel:
+    """A model ready to generate. ``close()`` (or leaving a ``with`` block) frees it:
+
+        with load_for_generation("runs/r1/merged") as loaded:
+            print(generate_text(loaded, "chest.png"))
+    """
+
     model: PreTrainedModel
     processor: ProcessorMixin
     name: str
@@ -105,6 +112,33 @@ class LoadedModel:
     device: str
     stop_token_ids: list[int] = field(default_factory=list)
     engine: Any = None  # radiology.engine.DecodeEngine when fast decoding is on
+
+    def close(self) -> None:
+        """Free the model: end the decode engine (its worker thread holds the model), drop the model
+        and processor, and hand cached GPU memory back. Generating afterwards is refused."""
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        self.model = None  # type: ignore[assignment]
+        self.processor = None  # type: ignore[assignment]
+        gc.collect()  # the model's own reference cycles: freed now, before the cache is emptied
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    @property
+    def closed(self) -> bool:
+        return self.model is None
+
+    def __enter__(self) -> LoadedModel:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _require_open(loaded: LoadedModel) -> None:
+    if loaded.closed:
+        raise RuntimeError(f"the model {loaded.name} was closed; load it again with load_for_generation")
 
 
 def _default_device() -> str:
@@ -125,6 +159,8 @@ def load_for_generation(
 
     With ``fast`` (the default) generation runs through radiology.engine: a static KV cache,
     CUDA-graph decode steps on a GPU, and concurrent requests decoded together (up to max_batch).
+    The engine's worker thread keeps the model alive: ``close()`` the result (or use it in a
+    ``with`` block) to free it.
     """
     device = device or _default_device()
     if load_in_4bit and device == "cpu":
@@ -179,6 +215,7 @@ def warm_up(loaded: LoadedModel, settings: GenerationSettings | None = None) -> 
     does not wait for them; returns the seconds spent."""
     from PIL import Image
 
+    _require_open(loaded)
     start = time.perf_counter()
     inputs = build_inputs(loaded.processor, Image.new("RGB", (64, 64)), DEFAULT_INSTRUCTION)
     settings = settings or GenerationSettings(max_new_tokens=4)
@@ -281,6 +318,7 @@ def generate_batch(
     """
     if not images:
         return []
+    _require_open(loaded)
     settings = settings or GenerationSettings()
     if contexts is not None and len(contexts) != len(images):
         raise ValueError(f"{len(contexts)} contexts for {len(images)} images: give one per image (or none)")
@@ -324,6 +362,7 @@ def stream_text(
 ) -> Iterator[str]:
     """Yields the description as it grows (each item is the text so far). Setting ``stop`` ends
     generation at the next token; closing the iterator early sets it too."""
+    _require_open(loaded)
     settings = settings or GenerationSettings()
     stop = stop or threading.Event()
     inputs = build_inputs(loaded.processor, image, instruction, context)
