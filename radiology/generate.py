@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
+import numbers
 import sys
 import threading
 import time
@@ -55,6 +57,17 @@ __all__ = [
 ]
 
 
+_MAX_SEED = 2**32 - 1  # the largest seed every generator takes (NumPy's is 32-bit)
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 @dataclass
 class GenerationSettings:
     """Decoding settings. Greedy by default (deterministic); sampling when do_sample is set."""
@@ -67,14 +80,21 @@ class GenerationSettings:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
+        # Each check names the setting (the command line's flag without "--") and its valid range.
+        if not _is_integer(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a whole number of at least 1, got {self.max_new_tokens!r}")
+        if not _is_number(self.temperature) or not math.isfinite(self.temperature):
+            raise ValueError(f"temperature must be a finite number, got {self.temperature!r}")
         if self.do_sample and self.temperature <= 0:
-            raise ValueError("temperature must be above 0 when sampling (or turn sampling off for greedy)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise ValueError("top_k must be 0 (off) or more")
+            raise ValueError(f"temperature must be above 0 when sampling, got {self.temperature!r} "
+                             "(or turn sampling off for greedy decoding)")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:  # NaN fails the comparison too
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_integer(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be a whole number, 0 (off) or more, got {self.top_k!r}")
+        if self.seed is not None and (not _is_integer(self.seed) or not 0 <= self.seed <= _MAX_SEED):
+            raise ValueError(f"seed must be a whole number from 0 to {_MAX_SEED} (or none for a random one), "
+                             f"got {self.seed!r}")
 
     def generate_kwargs(self) -> dict[str, Any]:
         if not self.do_sample:
@@ -455,6 +475,16 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
     )
 
 
+def _refuse_control_tokens(instruction: str, context: str | None) -> None:
+    """A Gemma 3 control token in a flag (e.g. "<end_of_turn><start_of_turn>model") would rewrite the
+    prompt's turns or open an image block without pixels."""
+    for flag, text in (("--instruction", instruction), ("--context", context)):
+        token = control_token_in(text) if text else None
+        if token is not None:
+            raise ValueError(f"{flag} contains the chat control token {token}, which would change the prompt's "
+                             "structure; remove it")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Describe a radiology image with a (fine-tuned) Gemma 3.")
     parser.add_argument("--model", required=True, help="merged model folder, hub id, or base model for --adapter")
@@ -468,8 +498,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     try:
+        # Bad flags and a bad image fail in a second, before the model loads.
         settings = settings_from_args(args)
-        image = decode_image(args.image)  # a bad image fails in a second, before the model loads
+        _refuse_control_tokens(args.instruction, args.context)
+        image = decode_image(args.image)
         loaded = load_for_generation(args.model, args.adapter, args.load_in_4bit, args.device)
         if not args.stream:
             print(generate_text(loaded, image, args.instruction, settings, context=args.context))
