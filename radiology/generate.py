@@ -346,6 +346,8 @@ def generate_batch(
         contexts = list(contexts) if contexts is not None else [None] * len(images)
         prompts = [build_inputs(loaded.processor, image, instruction, context)
                    for image, context in zip(images, contexts)]
+        # Prompts whose answers could pass the engine's cache go to plain generate, which handles the
+        # sliding window: an answer is never cut short.
         if all(loaded.engine.fits(p["input_ids"].shape[1], settings.max_new_tokens) for p in prompts):
             ids = loaded.engine.generate_many(prompts, settings, stop)
             return [loaded.processor.decode(row, skip_special_tokens=True).strip() for row in ids]
