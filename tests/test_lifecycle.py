@@ -4,7 +4,9 @@ holds the model, so dropping the last reference is not enough; close() ends it."
 from __future__ import annotations
 
 import gc
+import os
 import signal
+import time
 import weakref
 
 import pytest
@@ -76,9 +78,6 @@ class _Terminated(Exception):
 
 
 def test_app_frees_the_models_when_sigterm_stops_the_server(tmp_path, monkeypatch):
-    import os
-    import time
-
     import app
 
     served_models: list = []
