@@ -24,6 +24,7 @@ import html
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -620,8 +621,21 @@ def main(argv: list[str] | None = None) -> int:
         seconds = warm_up_on_gpu(loaded)  # CUDA only: the first user would otherwise wait for graph capture
         if seconds is not None:
             logger.info("%s warmed up in %.1f s (CUDA graphs captured)", role, seconds)
-    launch(build_demo(served, config), config)
+    # SIGTERM (docker stop, systemd, Spaces) ends serving as Ctrl+C does, so that the models are freed.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        launch(build_demo(served, config), config)
+    except KeyboardInterrupt:  # one that landed outside Gradio's serving loop, which catches its own
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        served.close()  # ends the decode engines' threads, which hold the models
+        logger.info("stopped; the models are freed")
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

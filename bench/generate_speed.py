@@ -125,13 +125,21 @@ def concurrent(loaded, images, new_tokens: int, use_plain: bool) -> dict:
 
 
 def run_precision(checkpoint: Path, four_bit: bool, new_tokens: int, attn: str, plain_concurrent: bool = True) -> None:
-    from radiology.generate import load_for_generation, warm_up
+    from radiology.generate import load_for_generation
 
     name = "4bit" if four_bit else "bf16"
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    loaded = load_for_generation(str(checkpoint), load_in_4bit=four_bit, device="cuda", attn_implementation=attn)
+    # Closed on leaving, failures included: the engine's worker thread holds the model, which would
+    # otherwise stay on the GPU while the next precision is measured.
+    with load_for_generation(str(checkpoint), load_in_4bit=four_bit, device="cuda", attn_implementation=attn) as loaded:
+        measure_precision(loaded, name, new_tokens, plain_concurrent)
+
+
+def measure_precision(loaded, name: str, new_tokens: int, plain_concurrent: bool) -> None:
+    from radiology.generate import warm_up
+
     loaded.engine.ignore_stop_tokens = True
     log({"precision": name, "weights_gib": round(torch.cuda.memory_allocated() / 2**30, 2)})
     images = [test_image(i) for i in range(4)]
@@ -154,11 +162,6 @@ def run_precision(checkpoint: Path, four_bit: bool, new_tokens: int, attn: str, 
         log({"precision": name, "path": "plain" if use_plain else "package", "concurrent": result})
     single = concurrent(loaded, images[:1], new_tokens, False)
     log({"precision": name, "path": "package", "concurrent": single})
-    loaded.engine.close()  # its worker thread holds the model: end it, or the next precision measures both
-    loaded.engine = None
-    del loaded
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 def main() -> None:

@@ -12,44 +12,17 @@ to left-shifted sequences. Generation pads on the left (see ``radiology.generate
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import ProcessorMixin
 
 from radiology.data import CAPTION, CONTEXT, IMAGE, build_messages, decode_image
+from radiology.tokens import special_ids
 
-__all__ = ["IGNORE_INDEX", "SpecialIds", "CaptionCollator", "special_ids"]
+__all__ = ["IGNORE_INDEX", "CaptionCollator"]
 
 IGNORE_INDEX = -100
-
-
-@dataclass(frozen=True)
-class SpecialIds:
-    """Token ids the collator and generation need, read from the processor (never literals)."""
-
-    pad: int
-    image: int
-    boi: int
-    eoi: int
-    end_of_turn: int
-    eos: int
-
-
-def special_ids(processor: ProcessorMixin) -> SpecialIds:
-    tok = processor.tokenizer
-    end_of_turn = tok.convert_tokens_to_ids("<end_of_turn>")
-    if end_of_turn is None or end_of_turn == tok.unk_token_id:
-        raise ValueError("the tokenizer has no <end_of_turn> token: is this a Gemma 3 processor?")
-    return SpecialIds(
-        pad=tok.pad_token_id,
-        image=tok.convert_tokens_to_ids(tok.image_token),
-        boi=tok.convert_tokens_to_ids(tok.boi_token),
-        eoi=tok.convert_tokens_to_ids(tok.eoi_token),
-        end_of_turn=end_of_turn,
-        eos=tok.eos_token_id,
-    )
 
 
 class CaptionCollator:

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, StaticLayer
 
+from radiology.tokens import never_generated, special_ids
+
 __all__ = ["DecodeEngine", "EngineRequest"]
 
 logger = logging.getLogger(__name__)
@@ -149,21 +151,18 @@ class DecodeEngine:
 
     def __init__(self, loaded: Any, max_batch: int = 4, max_len: int | None = None, use_graphs: bool | None = None,
                  batch_wait_s: float = 0.01):
-        from radiology.collate import special_ids
-
         self.loaded = loaded
         self.model = loaded.model
         self.device = next(self.model.parameters()).device
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
-        # Prompt + answer must fit in Gemma 3's sliding window (1024 tokens): ~280 prompt tokens leave
-        # ~740 for the answer, far more than a radiology description needs.
+        # Prompt + answer must fit in Gemma 3's sliding window (1024 tokens), where full-length static
+        # layers are exact: ~280 prompt tokens leave ~740 for the answer. Longer requests are refused
+        # here (see fits) and radiology.generate gives them to plain generate, never cuts them.
         window = getattr(self.model.config.get_text_config(), "sliding_window", None) or 1024
         self.max_len = min(max_len or window, window)
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
-        ids = special_ids(loaded.processor)
-        self.pad_id = ids.pad
-        self.stop_ids = torch.tensor(loaded.stop_token_ids, device=self.device)
-        self.suppress = torch.tensor([ids.image, ids.boi], device=self.device)
+        self.pad_id = special_ids(loaded.processor).pad
+        self.suppress = torch.tensor(never_generated(loaded.processor), device=self.device)
         self.tokenizer = loaded.processor.tokenizer
         self._slots: dict[int, _Slot] = {}
         self._pending: queue.Queue[EngineRequest] = queue.Queue()
@@ -181,56 +180,31 @@ class DecodeEngine:
     def stream(self, inputs: dict[str, torch.Tensor], settings: Any, stop: threading.Event | None = None
                ) -> Iterator[str]:
         """Yields the answer as it grows. Setting ``stop`` (or closing the iterator) ends it early."""
-        request = EngineRequest(inputs=inputs, settings=settings, stop=stop or threading.Event())
-        self._ensure_worker()
-        self._pending.put(request)
+        (request,) = self._submit([inputs], settings, stop or threading.Event())
         ids: list[int] = []
         try:
-            while True:
-                item = request.out.get()
-                if item is _DONE:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                ids.extend(item)
+            for chunk in self._answer(request):
+                ids.extend(chunk)
                 yield self.tokenizer.decode(ids, skip_special_tokens=True).strip()
         finally:
             request.stop.set()
 
-    def fits(self, prompt_length: int) -> bool:
-        """Whether a prompt leaves room for at least a short answer in the engine's cache."""
-        return prompt_length + 16 <= self.max_len
+    def fits(self, prompt_length: int, max_new_tokens: int) -> bool:
+        """Whether a prompt and an answer of max_new_tokens fit the engine's cache (which stays
+        within the sliding window, where the engine is exact). Other requests go to plain generate."""
+        return prompt_length + max_new_tokens <= self.max_len
 
     def generate_ids(self, inputs: dict[str, torch.Tensor], settings: Any, stop: threading.Event | None = None
                      ) -> list[int]:
         """The new token ids for one prompt (blocking)."""
-        request = EngineRequest(inputs=inputs, settings=settings, stop=stop or threading.Event())
-        self._ensure_worker()
-        self._pending.put(request)
-        ids: list[int] = []
-        while (item := request.out.get()) is not _DONE:
-            if isinstance(item, BaseException):
-                raise item
-            ids.extend(item)
-        return ids
+        (request,) = self._submit([inputs], settings, stop or threading.Event())
+        return [token for chunk in self._answer(request) for token in chunk]
 
     def generate_many(self, prompts: list[dict[str, torch.Tensor]], settings: Any,
                       stop: threading.Event | None = None) -> list[list[int]]:
         """New token ids for several prompts, submitted together so that the worker batches them."""
-        stop = stop or threading.Event()
-        requests = [EngineRequest(inputs=p, settings=settings, stop=stop) for p in prompts]
-        self._ensure_worker()
-        for request in requests:
-            self._pending.put(request)
-        results = []
-        for request in requests:
-            ids: list[int] = []
-            while (item := request.out.get()) is not _DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                ids.extend(item)
-            results.append(ids)
-        return results
+        requests = self._submit(prompts, settings, stop or threading.Event())
+        return [[token for chunk in self._answer(request) for token in chunk] for request in requests]
 
     def warm_up(self, inputs: dict[str, torch.Tensor], settings: Any) -> float:
         """Capture every batch size's graph now, so that no user pays for it; returns seconds.
@@ -255,6 +229,31 @@ class DecodeEngine:
         self._slots.clear()
 
     # ------------------------------------------------------------------ worker
+
+    def _submit(self, prompts: list[dict[str, torch.Tensor]], settings: Any, stop: threading.Event
+                ) -> list[EngineRequest]:
+        """Queue the prompts for the worker (together, so that it can batch them)."""
+        for inputs in prompts:
+            length = inputs["input_ids"].shape[1]
+            if not self.fits(length, settings.max_new_tokens):
+                raise ValueError(
+                    f"the prompt ({length} tokens) and max_new_tokens={settings.max_new_tokens} need more "
+                    f"positions than the engine's cache holds ({self.max_len}, the sliding window); lower "
+                    "max_new_tokens, or generate through radiology.generate, which uses plain generate then")
+        requests = [EngineRequest(inputs=inputs, settings=settings, stop=stop) for inputs in prompts]
+        self._ensure_worker()
+        for request in requests:
+            self._pending.put(request)
+        return requests
+
+    @staticmethod
+    def _answer(request: EngineRequest) -> Iterator[list[int]]:
+        """The request's new token ids, chunk by chunk as the worker hands them over, until it is
+        done; a failure in the worker is raised here, in the caller's thread."""
+        while (item := request.out.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
     def _ensure_worker(self) -> None:
         with self._lock:
@@ -309,15 +308,32 @@ class DecodeEngine:
             self.device, torch.bfloat16)
         return batch_inputs
 
+    def _fitting_groups(self, requests: list[EngineRequest]) -> list[list[EngineRequest]]:
+        """The requests in batches whose widest prompt plus longest answer fits the cache: left padding
+        makes every row as wide as the widest prompt, so two requests that fit alone may not together."""
+        groups: list[list[EngineRequest]] = []
+        for request in requests:
+            group = next((g for g in groups if self._fits_together([*g, request])), None)
+            if group is None:
+                groups.append([request])
+            else:
+                group.append(request)
+        return groups
+
+    def _fits_together(self, requests: list[EngineRequest]) -> bool:
+        return self.fits(max(r.inputs["input_ids"].shape[1] for r in requests),
+                         max(r.settings.max_new_tokens for r in requests))
+
     def _run_batch(self, requests: list[EngineRequest]) -> None:
-        try:
-            self._decode(requests)
-        except BaseException as err:  # reported to every waiting caller, the worker lives on
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            for request in requests:
-                request.out.put(err)
-                request.out.put(_DONE)
+        for group in self._fitting_groups(requests):
+            try:
+                self._decode(group)
+            except BaseException as err:  # reported to every waiting caller, the worker lives on
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                for request in group:
+                    request.out.put(err)
+                    request.out.put(_DONE)
 
     @torch.inference_mode()
     def _decode(self, requests: list[EngineRequest]) -> None:
@@ -327,9 +343,10 @@ class DecodeEngine:
         inputs = self._collate(requests, batch)
         prompt_len = inputs["input_ids"].shape[1]
         limits = [r.settings.max_new_tokens for r in requests]
-        budget = min(max(limits), self.max_len - prompt_len)
-        if budget < 1:
-            raise ValueError(f"the prompt ({prompt_len} tokens) leaves no room in the cache ({self.max_len})")
+        budget = max(limits)
+        if not self.fits(prompt_len, budget):  # _submit and _fitting_groups keep this from happening
+            raise ValueError(f"the prompt ({prompt_len} tokens) and {budget} new tokens exceed the cache "
+                             f"({self.max_len})")
         generators = [self._generator(r.settings) for r in requests]
         started = time.perf_counter()
         logits = slot.prefill(inputs)

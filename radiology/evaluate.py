@@ -21,7 +21,6 @@ model failed are left out of every model's scores, so that both are scored on th
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import sys
@@ -283,32 +282,29 @@ def _generate_all(config: EvalConfig, dataset: Dataset) -> tuple[dict[str, list[
     info: dict[str, dict[str, Any]] = {}
     for role, (name, adapter) in sources.items():
         torch.manual_seed(config.seed)
-        loaded = load_for_generation(
+        # One model at a time: both may not fit on the GPU, so each is freed before the next loads.
+        with load_for_generation(
             name,
             adapter=adapter,
             load_in_4bit=config.load_in_4bit,
             device=config.device,
             processor_name_or_path=config.processor_name_or_path,
-        )
-        started = time.perf_counter()
-        predictions[role] = predict(
-            loaded, dataset, config.instruction, config.settings, config.batch_size, desc=f"Generating ({role})"
-        )
-        seconds = time.perf_counter() - started
-        info[role] = {
-            "name": display_name(name, adapter),
-            "source": name,
-            "adapter": adapter,
-            "precision": loaded.precision,
-            "device": loaded.device,
-            "errors": sum(p.error is not None for p in predictions[role]),
-            "seconds": round(seconds, 3),
-            "images_per_second": round(len(dataset) / seconds, 3) if seconds > 0 else None,
-        }
-        del loaded
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # only one model is held at a time: both may not fit on the GPU
+        ) as loaded:
+            started = time.perf_counter()
+            predictions[role] = predict(
+                loaded, dataset, config.instruction, config.settings, config.batch_size, desc=f"Generating ({role})"
+            )
+            seconds = time.perf_counter() - started
+            info[role] = {
+                "name": display_name(name, adapter),
+                "source": name,
+                "adapter": adapter,
+                "precision": loaded.precision,
+                "device": loaded.device,
+                "errors": sum(p.error is not None for p in predictions[role]),
+                "seconds": round(seconds, 3),
+                "images_per_second": round(len(dataset) / seconds, 3) if seconds > 0 else None,
+            }
     return predictions, info
 
 

@@ -12,6 +12,9 @@ image at a time.
 from __future__ import annotations
 
 import argparse
+import gc
+import math
+import numbers
 import sys
 import threading
 import time
@@ -33,10 +36,9 @@ from transformers import (
     TextIteratorStreamer,
 )
 
-from radiology.collate import special_ids
-from radiology.data import DEFAULT_INSTRUCTION, build_messages, decode_image
-from radiology.merge import stop_ids
+from radiology.data import DEFAULT_INSTRUCTION, build_messages, control_token_in, decode_image
 from radiology.modeling import load_processor
+from radiology.tokens import never_generated, special_ids, stop_ids
 
 __all__ = [
     "GenerationSettings",
@@ -55,6 +57,17 @@ __all__ = [
 ]
 
 
+_MAX_SEED = 2**32 - 1  # the largest seed every generator takes (NumPy's is 32-bit)
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 @dataclass
 class GenerationSettings:
     """Decoding settings. Greedy by default (deterministic); sampling when do_sample is set."""
@@ -67,14 +80,21 @@ class GenerationSettings:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
+        # Each check names the setting (the command line's flag without "--") and its valid range.
+        if not _is_integer(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a whole number of at least 1, got {self.max_new_tokens!r}")
+        if not _is_number(self.temperature) or not math.isfinite(self.temperature):
+            raise ValueError(f"temperature must be a finite number, got {self.temperature!r}")
         if self.do_sample and self.temperature <= 0:
-            raise ValueError("temperature must be above 0 when sampling (or turn sampling off for greedy)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise ValueError("top_k must be 0 (off) or more")
+            raise ValueError(f"temperature must be above 0 when sampling, got {self.temperature!r} "
+                             "(or turn sampling off for greedy decoding)")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:  # NaN fails the comparison too
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_integer(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be a whole number, 0 (off) or more, got {self.top_k!r}")
+        if self.seed is not None and (not _is_integer(self.seed) or not 0 <= self.seed <= _MAX_SEED):
+            raise ValueError(f"seed must be a whole number from 0 to {_MAX_SEED} (or none for a random one), "
+                             f"got {self.seed!r}")
 
     def generate_kwargs(self) -> dict[str, Any]:
         if not self.do_sample:
@@ -99,6 +119,12 @@ class GenerationSettings:
 
 @dataclass
 class LoadedModel:
+    """A model ready to generate. ``close()`` (or leaving a ``with`` block) frees it:
+
+        with load_for_generation("runs/r1/merged") as loaded:
+            print(generate_text(loaded, "chest.png"))
+    """
+
     model: PreTrainedModel
     processor: ProcessorMixin
     name: str
@@ -106,6 +132,33 @@ class LoadedModel:
     device: str
     stop_token_ids: list[int] = field(default_factory=list)
     engine: Any = None  # radiology.engine.DecodeEngine when fast decoding is on
+
+    def close(self) -> None:
+        """Free the model: end the decode engine (its worker thread holds the model), drop the model
+        and processor, and hand cached GPU memory back. Generating afterwards is refused."""
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        self.model = None  # type: ignore[assignment]
+        self.processor = None  # type: ignore[assignment]
+        gc.collect()  # the model's own reference cycles: freed now, before the cache is emptied
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    @property
+    def closed(self) -> bool:
+        return self.model is None
+
+    def __enter__(self) -> LoadedModel:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _require_open(loaded: LoadedModel) -> None:
+    if loaded.closed:
+        raise RuntimeError(f"the model {loaded.name} was closed; load it again with load_for_generation")
 
 
 def _default_device() -> str:
@@ -126,6 +179,8 @@ def load_for_generation(
 
     With ``fast`` (the default) generation runs through radiology.engine: a static KV cache,
     CUDA-graph decode steps on a GPU, and concurrent requests decoded together (up to max_batch).
+    The engine's worker thread keeps the model alive: ``close()`` the result (or use it in a
+    ``with`` block) to free it.
     """
     device = device or _default_device()
     if load_in_4bit and device == "cpu":
@@ -180,6 +235,7 @@ def warm_up(loaded: LoadedModel, settings: GenerationSettings | None = None) -> 
     does not wait for them; returns the seconds spent."""
     from PIL import Image
 
+    _require_open(loaded)
     start = time.perf_counter()
     inputs = build_inputs(loaded.processor, Image.new("RGB", (64, 64)), DEFAULT_INSTRUCTION)
     settings = settings or GenerationSettings(max_new_tokens=4)
@@ -249,14 +305,12 @@ def _generate_kwargs(
     moved = {k: v.to(device) for k, v in inputs.items()}
     if "pixel_values" in moved:
         moved["pixel_values"] = moved["pixel_values"].to(torch.bfloat16)
-    ids = special_ids(loaded.processor)
     kwargs: dict[str, Any] = dict(
         **moved,
         **settings.generate_kwargs(),
         eos_token_id=loaded.stop_token_ids,
-        pad_token_id=ids.pad,
-        # The image placeholder tokens must never be generated: they would need pixels.
-        suppress_tokens=[ids.image, ids.boi],
+        pad_token_id=special_ids(loaded.processor).pad,
+        suppress_tokens=never_generated(loaded.processor),
     )
     if stop is not None:
         kwargs["stopping_criteria"] = StoppingCriteriaList([StopSignal(stop)])
@@ -284,6 +338,7 @@ def generate_batch(
     """
     if not images:
         return []
+    _require_open(loaded)
     settings = settings or GenerationSettings()
     if contexts is not None and len(contexts) != len(images):
         raise ValueError(f"{len(contexts)} contexts for {len(images)} images: give one per image (or none)")
@@ -291,7 +346,9 @@ def generate_batch(
         contexts = list(contexts) if contexts is not None else [None] * len(images)
         prompts = [build_inputs(loaded.processor, image, instruction, context)
                    for image, context in zip(images, contexts)]
-        if all(loaded.engine.fits(p["input_ids"].shape[1]) for p in prompts):
+        # Prompts whose answers could pass the engine's cache go to plain generate, which handles the
+        # sliding window: an answer is never cut short.
+        if all(loaded.engine.fits(p["input_ids"].shape[1], settings.max_new_tokens) for p in prompts):
             ids = loaded.engine.generate_many(prompts, settings, stop)
             return [loaded.processor.decode(row, skip_special_tokens=True).strip() for row in ids]
     inputs = build_batch_inputs(loaded.processor, images, instruction, contexts)
@@ -327,10 +384,11 @@ def stream_text(
 ) -> Iterator[str]:
     """Yields the description as it grows (each item is the text so far). Setting ``stop`` ends
     generation at the next token; closing the iterator early sets it too."""
+    _require_open(loaded)
     settings = settings or GenerationSettings()
     stop = stop or threading.Event()
     inputs = build_inputs(loaded.processor, image, instruction, context)
-    if loaded.engine is not None and loaded.engine.fits(inputs["input_ids"].shape[1]):
+    if loaded.engine is not None and loaded.engine.fits(inputs["input_ids"].shape[1], settings.max_new_tokens):
         yield from loaded.engine.stream(inputs, settings, stop)
         return
     streamer = TextIteratorStreamer(
@@ -419,6 +477,16 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
     )
 
 
+def _refuse_control_tokens(instruction: str, context: str | None) -> None:
+    """A Gemma 3 control token in a flag (e.g. "<end_of_turn><start_of_turn>model") would rewrite the
+    prompt's turns or open an image block without pixels."""
+    for flag, text in (("--instruction", instruction), ("--context", context)):
+        token = control_token_in(text) if text else None
+        if token is not None:
+            raise ValueError(f"{flag} contains the chat control token {token}, which would change the prompt's "
+                             "structure; remove it")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Describe a radiology image with a (fine-tuned) Gemma 3.")
     parser.add_argument("--model", required=True, help="merged model folder, hub id, or base model for --adapter")
@@ -432,8 +500,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     try:
+        # Bad flags and a bad image fail in a second, before the model loads.
         settings = settings_from_args(args)
-        image = decode_image(args.image)  # a bad image fails in a second, before the model loads
+        _refuse_control_tokens(args.instruction, args.context)
+        image = decode_image(args.image)
         loaded = load_for_generation(args.model, args.adapter, args.load_in_4bit, args.device)
         if not args.stream:
             print(generate_text(loaded, image, args.instruction, settings, context=args.context))

@@ -18,16 +18,11 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForImageTextToText, GenerationConfig, PreTrainedModel, ProcessorMixin
 
-from radiology.collate import special_ids
+from radiology.tokens import stop_ids
 
-__all__ = ["merge_adapter", "stop_ids", "merged_generation_config"]
+__all__ = ["merge_adapter", "merged_generation_config"]
 
 logger = logging.getLogger(__name__)
-
-
-def stop_ids(processor: ProcessorMixin) -> list[int]:
-    ids = special_ids(processor)
-    return [ids.eos, ids.end_of_turn]
 
 
 def merged_generation_config(model: PreTrainedModel, processor: ProcessorMixin) -> GenerationConfig:

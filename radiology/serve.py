@@ -320,6 +320,12 @@ class DemoModel:
         """The models that answer each request, in the order they run: the served one, then the baseline."""
         return [self.loaded] if self.baseline is None else [self.loaded, self.baseline]
 
+    def close(self) -> None:
+        """Free the model and the baseline (their decode engines' threads end); the app calls it when
+        the server stops."""
+        for loaded in self.models:
+            loaded.close()
+
 
 def load_for_demo(
     model: str | None,

@@ -4,13 +4,22 @@ there); on the CPU the engine runs the same steps eagerly."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import threading
 
 import pytest
 import torch
 
 from radiology.engine import DecodeEngine
-from radiology.generate import GenerationSettings, build_inputs, generate_batch, generate_text, load_for_generation
+from radiology.generate import (
+    GenerationSettings,
+    build_inputs,
+    generate_batch,
+    generate_text,
+    load_for_generation,
+    stream_text,
+)
 from tests.fixtures import real_images
 
 IMAGES = list(real_images().values())[:4]
@@ -97,7 +106,7 @@ def test_prompts_longer_than_the_cache_fall_back_to_plain_generate(plain, tiny_m
     loaded = load_for_generation(str(tiny_model_dir))
     loaded.engine = DecodeEngine(loaded, max_len=32)  # shorter than any prompt with an image
     settings = GenerationSettings(max_new_tokens=12)
-    assert not loaded.engine.fits(build_inputs(loaded.processor, IMAGES[0])["input_ids"].shape[1])
+    assert not loaded.engine.fits(build_inputs(loaded.processor, IMAGES[0])["input_ids"].shape[1], 12)
     assert generate_text(loaded, IMAGES[0], settings=settings) == generate_text(plain, IMAGES[0], settings=settings)
     assert not loaded.engine.batch_sizes
 
@@ -127,3 +136,83 @@ def test_close_ends_the_worker_and_a_new_request_restarts_it(fast):
     fast.engine.close()
     assert not worker.is_alive()
     assert fast.engine.generate_ids(inputs, GenerationSettings(max_new_tokens=2))
+
+
+@pytest.fixture(scope="module")
+def small_window_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with a 128-token sliding window: a short answer already passes it."""
+    folder = tmp_path_factory.mktemp("window") / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["sliding_window"] = 128
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _count_generated(loaded, monkeypatch) -> list[int]:
+    """Records how many new tokens each plain generate call returns."""
+    counts: list[int] = []
+    original = loaded.model.generate
+
+    def counting(**kwargs):
+        output = original(**kwargs)
+        counts.append(output.shape[1] - kwargs["input_ids"].shape[1])
+        return output
+
+    monkeypatch.setattr(loaded.model, "generate", counting)
+    return counts
+
+
+def test_answers_longer_than_the_engine_room_are_whole_and_equal_plain_generate(small_window_dir, monkeypatch):
+    plain = load_for_generation(str(small_window_dir), fast=False)
+    fast = load_for_generation(str(small_window_dir))
+    assert fast.engine.max_len == fast.model.config.get_text_config().sliding_window == 128
+    for loaded in (plain, fast):
+        monkeypatch.setattr(loaded, "stop_token_ids", [])  # every answer runs to max_new_tokens
+    counts = _count_generated(fast, monkeypatch)
+    prompt = build_inputs(fast.processor, IMAGES[0])["input_ids"].shape[1]
+    room = fast.engine.max_len - prompt
+    assert room > 8, "the test needs a prompt that the engine can serve"
+
+    fitting = GenerationSettings(max_new_tokens=room)  # up to the window's last position: the engine's
+    assert generate_text(fast, IMAGES[0], settings=fitting) == generate_text(plain, IMAGES[0], settings=fitting)
+    assert fast.engine.batch_sizes and not counts
+
+    longer = GenerationSettings(max_new_tokens=room + 40)  # past the window: plain generate's, whole
+    expected = generate_text(plain, IMAGES[0], settings=longer)
+    assert generate_text(fast, IMAGES[0], settings=longer) == expected
+    assert list(stream_text(fast, IMAGES[0], settings=longer))[-1] == expected
+    assert generate_batch(fast, IMAGES[:2], settings=longer)[0] == expected
+    assert counts == [room + 40] * 3
+    assert sum(fast.engine.batch_sizes.values()) == 1, "the longer requests never reached the engine"
+    with pytest.raises(ValueError, match="lower max_new_tokens"):
+        fast.engine.generate_ids(build_inputs(fast.processor, IMAGES[0]), longer)
+
+
+def test_requests_that_fit_alone_but_not_together_are_decoded_apart_and_whole(plain, tiny_model_dir, monkeypatch):
+    loaded = load_for_generation(str(tiny_model_dir))
+    # A long wait: both requests below are sure to reach the worker as one batch.
+    loaded.engine = DecodeEngine(loaded, max_len=180, batch_wait_s=2.0)
+    for model in (plain, loaded):
+        monkeypatch.setattr(model, "stop_token_ids", [])
+    short = build_inputs(loaded.processor, IMAGES[0])  # a short prompt with a long answer...
+    wide = build_inputs(loaded.processor, IMAGES[1], context=CONTEXTS[1])  # ...and a wide one, short answer
+    long_answer = GenerationSettings(max_new_tokens=180 - short["input_ids"].shape[1])
+    short_answer = GenerationSettings(max_new_tokens=4)
+    assert wide["input_ids"].shape[1] > short["input_ids"].shape[1]
+    assert wide["input_ids"].shape[1] + long_answer.max_new_tokens > 180, "together they pass the cache"
+    results: dict[str, list[int]] = {}
+
+    def ask(name, inputs, settings):
+        results[name] = loaded.engine.generate_ids(inputs, settings)
+
+    threads = [threading.Thread(target=ask, args=("short", short, long_answer)),
+               threading.Thread(target=ask, args=("wide", wide, short_answer))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results["short"]) == long_answer.max_new_tokens and len(results["wide"]) == 4
+    assert loaded.processor.decode(results["short"], skip_special_tokens=True).strip() == \
+        generate_text(plain, IMAGES[0], settings=long_answer)
+    assert dict(loaded.engine.batch_sizes) == {1: 2}, "one request per batch"
