@@ -37,7 +37,7 @@ from transformers import (
 )
 
 from radiology.data import DEFAULT_INSTRUCTION, build_messages, control_token_in, decode_image
-from radiology.modeling import load_processor
+from radiology.modeling import check_vision_language_model, load_processor
 from radiology.tokens import never_generated, special_ids, stop_ids
 
 __all__ = [
@@ -183,6 +183,7 @@ def load_for_generation(
     ``with`` block) to free it.
     """
     device = device or _default_device()
+    check_vision_language_model(model)  # a text-only checkpoint is refused before any weights load
     if load_in_4bit and device == "cpu":
         # bitsandbytes runs NF4 on CPU, slowly; allowed for checks, said out loud.
         print("note: 4-bit on CPU is slow; it is meant for tests", file=sys.stderr)

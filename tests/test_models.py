@@ -110,7 +110,6 @@ def test_train_cli_refuses_text_only_with_exit_2(tmp_path, text_only_without_wei
     assert not (out / "adapter_config.json").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="wired by the lead: load_for_generation calls check_vision_language_model")
 def test_generation_refuses_text_only_before_loading_weights(text_only_without_weights):
     from radiology.generate import load_for_generation
 
