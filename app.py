@@ -243,7 +243,7 @@ def refuse(err: ValueError, event: str) -> gr.Error:
     return gr.Error(str(err), print_exception=False)
 
 
-def _gpu_function(fn: Callable[..., Iterator[str]], duration: int) -> Callable[..., Iterator[str]]:
+def _gpu_function(fn: Callable[..., Iterator[Any]], duration: int) -> Callable[..., Iterator[Any]]:
     """``spaces.GPU`` on Hugging Face Spaces (it reserves a ZeroGPU slice per call and does nothing
     on other hardware); the function itself where `spaces` is not installed."""
     return spaces.GPU(duration=duration)(fn) if spaces is not None else fn
