@@ -392,7 +392,8 @@ def stream_side_by_side(
     """
     stop = stop or threading.Event()
     count = len(models)
-    texts, states, seconds = [""] * count, ["waiting"] * count, [None] * count
+    texts, states = [""] * count, ["waiting"] * count
+    seconds: list[float | None] = [None] * count
 
     def item() -> SideBySideTexts:
         return SideBySideTexts(texts, states, seconds)
