@@ -26,7 +26,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass
@@ -37,24 +36,30 @@ import gradio as gr
 from PIL import Image
 
 from radiology.data import DEFAULT_INSTRUCTION
-from radiology.dicom import HEADER_WINDOW
-from radiology.generate import GenerationSettings, LoadedModel, stream_text
+from radiology.dicom import HEADER_WINDOW, WINDOW_CHOICES
+from radiology.generate import GenerationSettings, LoadedModel, SideBySideTexts, stream_side_by_side
 from radiology.serve import (
     MAX_CONTEXT_CHARS,
+    MAX_INSTRUCTION_CHARS,
     UPLOAD_SUFFIXES,
     BaselineError,
+    ControlError,
     DemoModel,
     StopRegistry,
     UploadedImage,
     UploadError,
     UploadOptionError,
     clean_context,
+    clean_instruction,
     default_concurrency,
     free_accelerator_memory,
     is_out_of_memory,
     load_for_demo,
     load_upload,
     model_panel,
+    read_choice,
+    read_number,
+    upload_path,
     warm_up_on_gpu,
     window_choices,
 )
@@ -83,7 +88,15 @@ BASELINE_NOTICE = (
     "{reason}, so this page shows the model's answer alone. Check --baseline (RADIOLOGY_BASELINE): a merged "
     "model folder or a hub id reachable from this machine."
 )
-MAX_INSTRUCTION_CHARS = 2000
+# The decoding controls' ranges: the sliders show them and every request is checked against them.
+DECODING_MODES = ("greedy", "sampling")
+TEMPERATURE_RANGE = (0.05, 2.0)
+TOP_P_RANGE = (0.05, 1.0)
+TOP_K_RANGE = (0, 200)
+SEED_RANGE = (0, 2**32 - 1)
+# Previews decode uploads at once, on any number of clicks: a few at a time bounds their memory
+# (each is also bounded by serve.WORKING_PIXELS / MAX_UPLOAD_PIXELS).
+PREVIEW_CONCURRENCY = 2
 # ZeroGPU Spaces: running Stop as a cancellation too, because the generation runs in a worker
 # process that the stop event of this process cannot reach.
 ON_ZERO_GPU = spaces is not None and os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
@@ -195,32 +208,43 @@ def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] | None 
 
 
 def settings_from_ui(
-    mode: str,
-    temperature: float,
-    top_p: float,
-    top_k: float,
-    max_new_tokens: float,
-    seed: float | None,
+    mode: object,
+    temperature: object,
+    top_p: object,
+    top_k: object,
+    max_new_tokens: object,
+    seed: object,
     max_new_tokens_limit: int,
 ) -> GenerationSettings:
-    """GenerationSettings from the controls' values (API callers can send anything, so check)."""
-    if mode not in ("greedy", "sampling"):
-        raise ValueError(f"decoding must be 'greedy' or 'sampling', got {mode!r}")
-    if max_new_tokens is None or not 1 <= int(max_new_tokens) <= max_new_tokens_limit:
-        raise ValueError(f"max new tokens must be between 1 and {max_new_tokens_limit}")
-    if seed is not None and seed != "" and not 0 <= int(seed) < 2**32:
-        raise ValueError("the seed must be between 0 and 4294967295, or empty for a random one")
+    """GenerationSettings from the controls' values as a request sent them: API callers can send
+    anything (NaN, text, a list), so each is checked here; ControlError names the control and its range."""
+    mode = read_choice(mode, "Decoding method", DECODING_MODES)
     return GenerationSettings(
-        max_new_tokens=int(max_new_tokens),
+        max_new_tokens=read_number(max_new_tokens, "Max new tokens", 1, max_new_tokens_limit, whole=True),
         do_sample=mode == "sampling",
-        temperature=float(temperature),
-        top_p=float(top_p),
-        top_k=int(top_k),
-        seed=None if seed is None or seed == "" else int(seed),
+        temperature=read_number(temperature, "Temperature", *TEMPERATURE_RANGE),
+        top_p=read_number(top_p, "Top-p", *TOP_P_RANGE),
+        top_k=read_number(top_k, "Top-k", *TOP_K_RANGE, whole=True),
+        seed=read_number(seed, "Seed", *SEED_RANGE, whole=True, empty="a random one"),
     )
 
 
-def _gpu_function(fn: Callable[..., Iterator[str]], duration: int) -> Callable[..., Iterator[str]]:
+def read_view(window: object, frame: object) -> tuple[str, int | None]:
+    """The DICOM window and frame controls' values, checked (they are ignored for other images)."""
+    window = read_choice(window, "DICOM window", WINDOW_CHOICES, default=HEADER_WINDOW)
+    frame = read_number(frame, "Frame", 1, whole=True, empty="the middle frame")
+    return window, frame
+
+
+def refuse(err: ValueError, event: str) -> gr.Error:
+    """The message for a request refused before it ran. The log gets the control's name only: the
+    value may be anything a caller typed, and an upload's name may carry a patient's."""
+    if isinstance(err, ControlError):
+        logger.info("%s request refused: bad value for %s", event, err.control)
+    return gr.Error(str(err), print_exception=False)
+
+
+def _gpu_function(fn: Callable[..., Iterator[Any]], duration: int) -> Callable[..., Iterator[Any]]:
     """``spaces.GPU`` on Hugging Face Spaces (it reserves a ZeroGPU slice per call and does nothing
     on other hardware); the function itself where `spaces` is not installed."""
     return spaces.GPU(duration=duration)(fn) if spaces is not None else fn
@@ -238,81 +262,71 @@ def _input_notes(shown: UploadedImage, context: str | None) -> str:
     return notes
 
 
+_ENDINGS = {"waiting": "waiting", "generating": "generating…", "done": "done in {seconds:.1f} s",
+            "stopped": "stopped by user in {seconds:.1f} s", "not run": "not run (stopped by user)"}
+
+
+def _status_lines(abouts: Sequence[str], item: SideBySideTexts) -> list[str]:
+    return [f"{about} · {_ENDINGS[state].format(seconds=seconds or 0.0)}"
+            for about, state, seconds in zip(abouts, item.states, item.seconds)]
+
+
 def make_generate(
     models: Sequence[LoadedModel], stops: StopRegistry, config: AppConfig
 ) -> Callable[..., Iterator[tuple[str, ...]]]:
-    """The Generate button's handler. For each model in turn (the served one, then a baseline) it
-    streams (text so far, the line under it): one pair per model, all pairs in every update."""
+    """The Generate button's handler. It streams the models' answers (the served one, then a
+    baseline) through ``stream_side_by_side``: (text so far, the line under it) for each model, all
+    pairs in every update. It gets the controls' values unprocessed and checks each of them."""
     models = list(models)
 
     # Only picklable arguments (a key, not the event): on ZeroGPU this runs in a worker process.
     def stream_on_gpu(
-        key: str, which: int, image: Image.Image, instruction: str, context: str | None, settings: GenerationSettings
-    ) -> Iterator[str]:
-        yield from stream_text(models[which], image, instruction, settings, context=context, stop=stops.event(key))
+        key: str, image: Image.Image, instruction: str, context: str | None, settings: GenerationSettings
+    ) -> Iterator[SideBySideTexts]:
+        yield from stream_side_by_side(models, image, instruction, settings, context, stop=stops.event(key))
 
     stream_on_gpu = _gpu_function(stream_on_gpu, config.gpu_duration)
 
     def generate(
-        upload: str | None,
-        instruction: str,
-        mode: str,
-        temperature: float,
-        top_p: float,
-        top_k: float,
-        max_new_tokens: float,
-        seed: float | None,
-        context: str | None = None,
-        window: str | None = HEADER_WINDOW,
-        frame: float | None = None,
+        upload: object,
+        instruction: object,
+        mode: object,
+        temperature: object,
+        top_p: object,
+        top_k: object,
+        max_new_tokens: object,
+        seed: object,
+        context: object = None,
+        window: object = HEADER_WINDOW,
+        frame: object = None,
         request: gr.Request | None = None,
     ) -> Iterator[tuple[str, ...]]:
         try:
-            shown = load_upload(upload, window, frame)
             settings = settings_from_ui(mode, temperature, top_p, top_k, max_new_tokens, seed, config.max_new_tokens)
-            instruction = (instruction or "").strip() or DEFAULT_INSTRUCTION
-            if len(instruction) > MAX_INSTRUCTION_CHARS:
-                raise ValueError(f"the instruction is longer than {MAX_INSTRUCTION_CHARS} characters; shorten it")
+            instruction = clean_instruction(instruction)
             context = clean_context(context)
-        except (ValueError, TypeError) as err:  # UploadError is a ValueError; TypeError: a missing value
-            raise gr.Error(str(err), print_exception=False) from None
+            shown = load_upload(upload_path(upload), *read_view(window, frame))
+        except ValueError as err:  # UploadError and ControlError are ValueErrors
+            raise refuse(err, "generate") from None
         notes = _input_notes(shown, context)
         abouts = [f"{m.name} · {m.precision} · {m.device} · {settings.describe()}{notes}" for m in models]
-        texts = [""] * len(models)
-        lines = [f"{about} · waiting" for about in abouts]
-
-        def update() -> tuple[str, ...]:
-            return tuple(item for pair in zip(texts, lines) for item in pair)
-
         session = request.session_hash if request is not None else None
-        with stops.running(session) as (key, stop):
-            for which, about in enumerate(abouts):
-                if which:  # the previous model's stream has set its event: a fresh one, unless Stop was pressed
-                    stop = stops.renew(key)
-                if stop.requested:
-                    lines[which] = f"{about} · not run (stopped by user)"
-                    continue
-                lines[which], started = f"{about} · generating…", time.perf_counter()
-                yield update()
-                try:
-                    with closing(stream_on_gpu(key, which, shown.image, instruction, context, settings)) as pieces:
-                        for text in pieces:
-                            texts[which] = text
-                            yield update()
-                except Exception as err:
-                    if is_out_of_memory(err):
-                        free_accelerator_memory()
-                        logger.warning("generation ran out of GPU memory; memory freed")
-                        raise gr.Error(OUT_OF_MEMORY, print_exception=False) from None
-                    logger.exception("generation failed")  # the traceback holds code paths, no upload data
-                    raise gr.Error(
-                        f"Generation failed ({type(err).__name__}). Try again; if it keeps failing, the server "
-                        "log has the details.",
-                        print_exception=False,
-                    ) from None
-                ending = "stopped by user" if stop.requested else "done"
-                lines[which] = f"{about} · {ending} in {time.perf_counter() - started:.1f} s"
-        yield update()
+        with stops.running(session) as (key, _):
+            try:
+                with closing(stream_on_gpu(key, shown.image, instruction, context, settings)) as items:
+                    for item in items:
+                        yield tuple(x for pair in zip(item, _status_lines(abouts, item)) for x in pair)
+            except Exception as err:
+                if is_out_of_memory(err):
+                    free_accelerator_memory()
+                    logger.warning("generation ran out of GPU memory; memory freed")
+                    raise gr.Error(OUT_OF_MEMORY, print_exception=False) from None
+                logger.exception("generation failed")  # the traceback holds code paths, no upload data
+                raise gr.Error(
+                    f"Generation failed ({type(err).__name__}). Try again; if it keeps failing, the server "
+                    "log has the details.",
+                    print_exception=False,
+                ) from None
 
     return generate
 
@@ -365,11 +379,17 @@ def _preview_outputs(shown: UploadedImage | None, set_controls: bool = True, win
 
 
 def show_preview(
-    upload: str | None, window: str | None = HEADER_WINDOW, frame: float | None = None, new_file: bool = False
+    upload: object, window: object = HEADER_WINDOW, frame: object = None, new_file: bool = False
 ) -> tuple[Any, ...]:
     """The image exactly as the model will get it (grayscale, 16-bit, TIFF and DICOM files included),
     with a DICOM file's technical attributes and burned-in annotation warning. A window or frame
-    that does not fit the file gets a warning and the nearest view that fits."""
+    that does not fit the file gets a warning and the nearest view that fits. The controls' values
+    come unprocessed, as for Generate."""
+    try:
+        upload = upload_path(upload)
+        window, frame = read_view(window, frame)
+    except ControlError as err:
+        raise refuse(err, "preview") from None
     if upload is None:
         return _preview_outputs(None)
     try:
@@ -395,7 +415,7 @@ def show_preview(
     return _preview_outputs(None)
 
 
-def preview_upload(upload: str | None, window: str | None = HEADER_WINDOW) -> tuple[Any, ...]:
+def preview_upload(upload: object, window: object = HEADER_WINDOW) -> tuple[Any, ...]:
     """A new upload's preview: the chosen window (when it fits), the middle frame of a multi-frame file."""
     return show_preview(upload, window, None, new_file=True)
 
@@ -447,8 +467,9 @@ def _input_panel() -> InputPanel:
     # preview), while every upload here goes through load_upload.
     upload = gr.File(label="Image", file_types=list(UPLOAD_SUFFIXES), type="filepath", elem_id="upload")
     burned_in = gr.HTML("", visible=False, elem_id="burned-in-warning")
+    # No Share button: it would post a patient's image to a public discussion page.
     preview = gr.Image(label="What the model sees", type="pil", format="png", interactive=False, height=320,
-                       elem_id="preview")
+                       buttons=["download", "fullscreen"], elem_id="preview")
     # DICOM only: shown once a DICOM file is uploaded.
     with gr.Row():
         window = gr.Dropdown(window_choices(), value=HEADER_WINDOW, label="DICOM window", visible=False,
@@ -495,14 +516,14 @@ class DecodingControls:
 def _decoding_controls(config: AppConfig) -> DecodingControls:
     defaults = GenerationSettings()
     with gr.Accordion("Decoding", open=False):
-        mode = gr.Radio([("Greedy (deterministic)", "greedy"), ("Sampling", "sampling")], value="greedy",
+        mode = gr.Radio(list(zip(("Greedy (deterministic)", "Sampling"), DECODING_MODES)), value="greedy",
                         label="Method")
         max_new_tokens = gr.Slider(1, config.max_new_tokens, value=min(defaults.max_new_tokens, config.max_new_tokens),
                                    step=1, label="Max new tokens", elem_id="max-new-tokens")
         with gr.Group(visible=False) as sampling_only:
-            temperature = gr.Slider(0.05, 2.0, value=defaults.temperature, step=0.05, label="Temperature")
-            top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.01, label="Top-p")
-            top_k = gr.Slider(0, 200, value=defaults.top_k, step=1, label="Top-k (0: off)")
+            temperature = gr.Slider(*TEMPERATURE_RANGE, value=defaults.temperature, step=0.05, label="Temperature")
+            top_p = gr.Slider(*TOP_P_RANGE, value=defaults.top_p, step=0.01, label="Top-p")
+            top_k = gr.Slider(*TOP_K_RANGE, value=defaults.top_k, step=1, label="Top-k (0: off)")
             seed = gr.Number(value=None, precision=0, label="Seed (empty: random)")
     mode.change(lambda m: gr.Group(visible=m == "sampling"), mode, sampling_only,
                 api_visibility="private", concurrency_limit=None, queue=False)
@@ -515,6 +536,29 @@ def _answer_box(label: str, elem_id: str, settings_id: str) -> list[gr.component
     return [answer, gr.Markdown(elem_id=settings_id)]
 
 
+class DemoBlocks(gr.Blocks):
+    """gr.Blocks that refuses a malformed request (too few values, a file reference that is not an
+    upload of this app, a value a component cannot take) with a short message naming the event's
+    controls, instead of Gradio's traceback in the log that quotes the values and paths sent."""
+
+    async def preprocess_data(self, block_fn: Any, inputs: list[Any], state: Any, explicit_call: bool = False) -> Any:
+        event = block_fn.api_name or block_fn.name
+        controls = ", ".join(str(getattr(block, "label", None) or type(block).__name__) for block in block_fn.inputs)
+        if len(inputs) < len(block_fn.inputs):
+            logger.info("%s request refused: %d of its %d values sent", event, len(inputs), len(block_fn.inputs))
+            raise gr.Error(f"This request sent {len(inputs)} values; it takes {len(block_fn.inputs)}: {controls}.",
+                           print_exception=False)
+        try:
+            return await super().preprocess_data(block_fn, inputs, state, explicit_call)
+        except Exception as err:
+            logger.info("%s request refused: its values could not be read (%s)", event, type(err).__name__)
+            raise gr.Error(
+                f"This request's values could not be read; it takes: {controls}. The image must be a file "
+                "uploaded to this app (the page's upload button, or gradio_client's handle_file).",
+                print_exception=False,
+            ) from None
+
+
 def build_demo(served: DemoModel, config: AppConfig | None = None, stops: StopRegistry | None = None) -> gr.Blocks:
     """The whole UI for the served model (and its baseline, side by side). Launch it with ``launch(demo, config)``."""
     config = config or AppConfig()
@@ -522,7 +566,7 @@ def build_demo(served: DemoModel, config: AppConfig | None = None, stops: StopRe
     concurrency = config.concurrency or default_concurrency(served.loaded)
     # Uploads (and previews made from them) are deleted from Gradio's cache once upload_ttl old.
     delete_cache = (min(60, config.upload_ttl), config.upload_ttl)
-    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=delete_cache) as demo:
+    with DemoBlocks(title=TITLE, analytics_enabled=False, delete_cache=delete_cache) as demo:
         _banners(served)
         gr.Markdown(f"# {TITLE}\nUpload an image (PNG, JPEG, WebP, BMP, TIFF, GIF or DICOM) or pick an example, "
                     "add the clinical history if you like, and press **Generate**.")
@@ -552,18 +596,24 @@ def build_demo(served: DemoModel, config: AppConfig | None = None, stops: StopRe
                     answers += _answer_box(f"Baseline, for comparison: {served.baseline.name}", "baseline-answer",
                                            "baseline-answer-settings")
 
+        # Every event that reads the controls gets their values unprocessed (preprocess=False) and
+        # checks them itself: Gradio's own checks answer bad API values with tracebacks that quote the
+        # value, and gr.File's leaves an empty temporary file behind on every call.
+        # Previews share one concurrency group: each decodes a whole upload, so a few at a time.
         panel.upload.change(preview_upload, [panel.upload, panel.window], panel.preview_outputs(),
-                            api_name="preview", concurrency_limit=None)
+                            api_name="preview", preprocess=False, concurrency_id="preview",
+                            concurrency_limit=PREVIEW_CONCURRENCY)
         # A person choosing another window or frame (select: a dropdown choice fires input twice).
         view_inputs = [panel.upload, panel.window, panel.frame]
         for event in (panel.window.select, panel.frame.input):
-            event(show_preview, view_inputs, panel.preview_outputs(), api_visibility="private",
-                  concurrency_limit=None, trigger_mode="always_last")
+            event(show_preview, view_inputs, panel.preview_outputs(), api_visibility="private", preprocess=False,
+                  concurrency_id="preview", concurrency_limit=PREVIEW_CONCURRENCY, trigger_mode="always_last")
         run = generate_button.click(
             make_generate(served.models, stops, config),
             [panel.upload, instruction, *decoding.inputs(), context, panel.window, panel.frame],
             answers,
             api_name="generate",
+            preprocess=False,
             # Every GPU-bound event shares one concurrency group: the limit is per GPU, not per button.
             concurrency_id="gpu",
             concurrency_limit=concurrency,
@@ -595,7 +645,8 @@ def launch(demo: gr.Blocks, config: AppConfig, **overrides: Any) -> Any:
         share=config.share,
         auth=config.auth,
         max_file_size=config.max_file_size,
-        allowed_paths=[str(ASSETS)],
+        # The example images alone, not the whole folder (its script and notes are no one's business).
+        allowed_paths=[example["path"] for example in load_examples()],
     )
     return demo.launch(**{**options, **overrides})
 

@@ -43,6 +43,7 @@ from radiology.tokens import never_generated, special_ids, stop_ids
 __all__ = [
     "GenerationSettings",
     "LoadedModel",
+    "SideBySideTexts",
     "StopSignal",
     "add_generation_arguments",
     "build_batch_inputs",
@@ -421,6 +422,17 @@ def stream_text(
         raise errors[0]
 
 
+class SideBySideTexts(list):
+    """One item of ``stream_side_by_side``: every model's text so far (a list of str, "" for those
+    not started), with each model's ``states`` ("waiting", "generating", "done", "stopped" or
+    "not run") and ``seconds`` spent generating (None before it starts)."""
+
+    def __init__(self, texts: Sequence[str], states: Sequence[str], seconds: Sequence[float | None]):
+        super().__init__(texts)
+        self.states = list(states)
+        self.seconds = list(seconds)
+
+
 def stream_side_by_side(
     models: Sequence[LoadedModel],
     image: Image.Image | str | Path,
@@ -428,29 +440,41 @@ def stream_side_by_side(
     settings: GenerationSettings | None = None,
     context: str | None = None,
     stop: threading.Event | None = None,
-) -> Iterator[list[str]]:
+) -> Iterator[SideBySideTexts]:
     """Streams several models' answers to one image with the same prompt and settings.
 
-    The models run one after the other (two at once would share one GPU's time and memory); each
-    item holds every model's text so far, "" for those not started. Setting ``stop`` ends the
-    current model's answer at its next token and skips the rest.
+    The models run one after the other (two at once would share one GPU's time and memory). An
+    item comes when a model starts, with each piece of its answer, and when it ends. Setting
+    ``stop`` ends the current model's answer at its next token ("stopped") and skips the rest
+    ("not run"); this function never sets ``stop`` itself, so a set ``stop`` always means a stop
+    was asked for.
     """
     stop = stop or threading.Event()
-    texts = [""] * len(models)
+    count = len(models)
+    texts, states = [""] * count, ["waiting"] * count
+    seconds: list[float | None] = [None] * count
+
+    def item() -> SideBySideTexts:
+        return SideBySideTexts(texts, states, seconds)
+
     for i, loaded in enumerate(models):
         if stop.is_set():
+            states[i:] = ["not run"] * (count - i)
+            yield item()
             return
+        states[i], started = "generating", time.perf_counter()
+        yield item()
         # stream_text sets its event when it finishes, so each model gets its own; ours is relayed.
         own = threading.Event()
         # closing(): a caller that stops listening ends the running generation, not only this loop.
         with closing(stream_text(loaded, image, instruction, settings, context, own)) as stream:
             for text in stream:
-                texts[i] = text
-                yield list(texts)
+                texts[i], seconds[i] = text, time.perf_counter() - started
+                yield item()
                 if stop.is_set():
                     own.set()
-        if not texts[i]:
-            yield list(texts)  # an empty answer still shows that this model is done
+        states[i], seconds[i] = ("stopped" if stop.is_set() else "done"), time.perf_counter() - started
+        yield item()
 
 
 def add_generation_arguments(

@@ -5,7 +5,10 @@
 
 - ``load_upload`` / ``read_upload``: the one door for uploaded files (extension, format, size guard,
   decoding); DICOM goes through ``radiology.dicom`` with the chosen window and frame.
-- ``clean_context``: the optional clinical history / question, checked as the prompt will use it.
+- ``clean_instruction``, ``clean_context``: the instruction and the optional clinical history /
+  question, checked as the prompt will use them.
+- ``read_number``, ``read_choice``, ``upload_path``: the demo's other controls as a request sends
+  them (any JSON value), checked; ``ControlError`` names the control and what it takes, never the value.
 - ``load_for_demo``: the configured model (and a baseline to compare with), or the embedded tiny
   model with the reason why.
 - ``StopRegistry``: Stop buttons (separate requests) reach the generation they should end.
@@ -24,11 +27,13 @@ import gc
 import hashlib
 import io
 import logging
+import math
 import os
 import shutil
 import tempfile
 import threading
 import uuid
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,7 +43,7 @@ import torch
 import transformers
 from PIL import Image, UnidentifiedImageError
 
-from radiology.data import DEFAULT_INSTRUCTION, ImageDecodeError, build_messages, decode_image
+from radiology.data import DEFAULT_INSTRUCTION, ImageDecodeError, build_messages, control_token_in, decode_image
 from radiology.dicom import (
     FULL_RANGE,
     HEADER_WINDOW,
@@ -58,8 +63,12 @@ __all__ = [
     "DICOM_SUFFIXES",
     "IMAGE_SUFFIXES",
     "MAX_CONTEXT_CHARS",
+    "MAX_INSTRUCTION_CHARS",
+    "MAX_UPLOAD_PIXELS",
+    "WORKING_PIXELS",
     "UPLOAD_SUFFIXES",
     "BaselineError",
+    "ControlError",
     "DemoModel",
     "StopRegistry",
     "UploadError",
@@ -67,6 +76,7 @@ __all__ = [
     "UploadedImage",
     "UserStop",
     "clean_context",
+    "clean_instruction",
     "default_cache_dir",
     "default_concurrency",
     "demo_model_dir",
@@ -77,7 +87,10 @@ __all__ = [
     "load_for_demo",
     "load_upload",
     "model_panel",
+    "read_choice",
+    "read_number",
     "read_upload",
+    "upload_path",
     "warm_up_on_gpu",
     "window_choices",
 ]
@@ -98,11 +111,29 @@ _FORMAT_NAMES = "PNG, JPEG, WebP, BMP, TIFF or GIF"
 _UPLOAD_NAMES = "PNG, JPEG, WebP, BMP, TIFF, GIF or DICOM (.dcm)"
 # The clinical history / question: a few sentences, not a whole record.
 MAX_CONTEXT_CHARS = 1000
+MAX_INSTRUCTION_CHARS = 2000
+# Pixel budgets for uploaded (non-DICOM) images. Larger than any radiograph (a mammogram is about
+# 4000 x 5000) and well below Pillow's own bomb guard, whose limit lets a 13000 x 13000 16-bit PNG
+# through at about 1 GB of working memory. Images above WORKING_PIXELS are scaled down right after
+# decoding, before any conversion or float copy (the model sees 896 x 896 at most anyway); images
+# above MAX_UPLOAD_PIXELS are refused from their header, before any pixel is decoded.
+MAX_UPLOAD_PIXELS = 64_000_000
+WORKING_PIXELS = 4096 * 4096
 
 
 class UploadError(ValueError):
     """An upload that cannot be used; the message tells the user what to do. It never contains
     the file's name or content (names of medical images often carry patient identity)."""
+
+
+class ControlError(ValueError):
+    """A control's value that the demo refuses (out of range, not a number, not a choice). The
+    message names the control and what it takes, never the value sent (an API caller can put
+    anything there); ``control`` is the control's name, which is all the server log gets."""
+
+    def __init__(self, message: str, control: str):
+        super().__init__(message)
+        self.control = control
 
 
 class UploadOptionError(UploadError):
@@ -210,8 +241,10 @@ def load_upload(
     Image.init()  # registers the plugins that the allow-list names
     # Opened from bytes, not from the path, so that no error message carries the file name.
     try:
-        with Image.open(io.BytesIO(data), formats=_UPLOAD_FORMATS):
-            pass  # the header alone says whether it is one of the allowed formats, and how big
+        with warnings.catch_warnings():
+            # Pillow warns from 89 megapixels; MAX_UPLOAD_PIXELS, below that, refuses such images here.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(io.BytesIO(data), formats=_UPLOAD_FORMATS)
     except Image.DecompressionBombError as err:
         raise UploadError(
             f"The image is too large to decode safely ({err}). Downscale it before uploading."
@@ -221,10 +254,18 @@ def load_upload(
             f"The file is not a readable {_FORMAT_NAMES} image: it may be corrupt, or another kind of "
             "file renamed. Export the image again and upload that."
         ) from None
+    # (Not closed with a ``with``: closing would free the pixels of an image returned as it is; the
+    # file is in memory, so there is no descriptor to give back.)
+    width, height = opened.size  # from the header: nothing decoded yet
+    if width * height > MAX_UPLOAD_PIXELS:
+        raise UploadError(
+            f"The image is {width} x {height} pixels ({width * height / 1e6:.0f} megapixels); this app "
+            f"takes images of up to {MAX_UPLOAD_PIXELS / 1e6:.0f} megapixels. Downscale it before uploading."
+        )
     try:
-        return UploadedImage(image=decode_image(data))
-    except ImageDecodeError as err:
-        cause = err.__cause__
+        return UploadedImage(image=decode_image(_within_working_pixels(opened)))
+    except (ImageDecodeError, OSError, SyntaxError, ValueError) as err:
+        cause = err.__cause__ if isinstance(err, ImageDecodeError) else err
         detail = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
         raise UploadError(
             f"The image could not be decoded{detail}: the file may be truncated or corrupt. "
@@ -232,25 +273,120 @@ def load_upload(
         ) from None
 
 
+def _within_working_pixels(image: Image.Image) -> Image.Image:
+    """``image`` decoded, scaled down to WORKING_PIXELS when it has more: JPEGs are decoded at a
+    reduced scale (``draft``), other formats are reduced right after decoding, so that the float
+    copy of a 16-bit image and the RGB copy are made at the reduced size."""
+    width, height = image.size
+    if width * height <= WORKING_PIXELS:
+        image.load()  # decode fully now: a truncated file fails here
+        return image
+    scale = (WORKING_PIXELS / (width * height)) ** 0.5
+    size = (max(1, int(width * scale)), max(1, int(height * scale)))
+    if image.format == "JPEG":
+        image.draft(image.mode, size)  # decodes at 1/2, 1/4 or 1/8 scale, never below ``size``
+    # BOX: each output pixel is the mean of the input pixels it covers (no aliasing of fine lines);
+    # it works in every mode, 16-bit grayscale included.
+    return image.resize(size, Image.Resampling.BOX)
+
+
 def read_upload(path: str | Path | None, window: str | None = None, frame_number: float | None = None) -> Image.Image:
     """The image of ``load_upload``: what the model gets."""
     return load_upload(path, window, frame_number).image
 
 
-def clean_context(text: str | None, limit: int = MAX_CONTEXT_CHARS) -> str | None:
+def clean_instruction(text: object, limit: int = MAX_INSTRUCTION_CHARS) -> str:
+    """The instruction as the prompt will carry it: DEFAULT_INSTRUCTION when blank; ControlError
+    when it is not text or too long; ValueError when it holds a chat control token (a stray
+    ``<start_of_image>`` asks for an image that is not there, ``<end_of_turn>`` ends the turn)."""
+    if text is None:
+        return DEFAULT_INSTRUCTION
+    if not isinstance(text, str) or len(text.strip()) > limit:
+        raise ControlError(f"The instruction must be text of at most {limit} characters; shorten it.",
+                           "instruction")
+    text = text.strip()
+    token = control_token_in(text)
+    if token is not None:
+        raise ValueError(
+            f"The instruction contains the chat control token {token}, which would change the prompt's "
+            "structure; remove it from the instruction."
+        )
+    return text or DEFAULT_INSTRUCTION
+
+
+def clean_context(text: object, limit: int = MAX_CONTEXT_CHARS) -> str | None:
     """The clinical history / question as the prompt will carry it: None when blank (the prompt is
-    then exactly the instruction alone); ValueError when too long or when it holds a chat control
-    token (the rule of ``radiology.data.build_messages``)."""
-    if text is None or not str(text).strip():
+    then exactly the instruction alone); ControlError when it is not text or too long; ValueError
+    when it holds a chat control token (the rule of ``radiology.data.build_messages``)."""
+    if text is None:
         return None
-    text = str(text).strip()
-    if len(text) > limit:
-        raise ValueError(f"The clinical history is longer than {limit} characters; shorten it.")
+    if not isinstance(text, str) or len(text.strip()) > limit:
+        raise ControlError(f"The clinical history must be text of at most {limit} characters; shorten it.",
+                           "clinical history")
+    text = text.strip()
+    if not text:
+        return None
     try:
         build_messages(DEFAULT_INSTRUCTION, context=text)
     except ValueError as err:
         raise ValueError(_sentence(str(err))) from None
     return text
+
+
+def read_number(
+    value: object,
+    control: str,
+    low: float,
+    high: float | None = None,
+    whole: bool = False,
+    empty: str | None = None,
+) -> float | int | None:
+    """A numeric control's value as a request sent it (any JSON value): a finite number from ``low``
+    to ``high`` (no upper bound when None), a whole one when ``whole``; None for an empty value
+    where ``empty`` says what empty means. Anything else is a ControlError saying what the control
+    takes, e.g. "Temperature must be a number from 0.05 to 2."."""
+    if empty is not None and (value is None or value == ""):
+        return None
+    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if number is not None and math.isfinite(number) and low <= number and (high is None or number <= high):
+        if not whole:
+            return float(number)
+        if float(number).is_integer():
+            return int(number)
+    kind = "a whole number" if whole else "a number"
+    span = f"from {_plain(low)} to {_plain(high)}" if high is not None else f"from {_plain(low)}"
+    also = f", or empty for {empty}" if empty is not None else ""
+    raise ControlError(f"{control} must be {kind} {span}{also}.", control)
+
+
+def _plain(number: float) -> str:
+    """``4294967295`` for 4294967295.0 (not 4.29497e+09), ``0.05`` for 0.05."""
+    return str(int(number)) if float(number).is_integer() else f"{number:g}"
+
+
+def read_choice(value: object, control: str, choices: Sequence[str], default: str | None = None) -> str:
+    """A choice control's value: one of ``choices`` (``default`` when None and one is given), else
+    a ControlError listing them."""
+    if value is None and default is not None:
+        return default
+    if isinstance(value, str) and value in choices:
+        return value
+    raise ControlError(f"{control} must be one of: {', '.join(choices)}.", control)
+
+
+def upload_path(payload: object) -> str | None:
+    """The server-side path of the upload control's value as Gradio hands it over without its own
+    preprocessing (a file-data dict; Gradio has already checked that the file was uploaded here).
+    None when no file was sent; ControlError for anything else."""
+    if payload is None:
+        return None
+    path = payload.get("path") if isinstance(payload, dict) else None
+    if not isinstance(path, str) or not path:
+        raise ControlError(
+            "The image must be a file uploaded to this app (the page's upload button, or gradio_client's "
+            "handle_file).", "image"
+        )
+    return path
 
 
 # --------------------------------------------------------------------------- models
@@ -509,22 +645,11 @@ class StopRegistry:
         with self._lock:
             return self._by_key.get(key) or UserStop()
 
-    def renew(self, key: str) -> UserStop:
-        """A fresh event under ``key`` for the next model of the same request (``stream_text`` sets
-        the event when its generation ends); the old one if a person already asked to stop, so that
-        a Stop pressed between two models still ends the request."""
-        with self._lock:
-            old = self._by_key.get(key)
-            if old is None or old.requested:
-                return old or UserStop()
-            self._by_key[key] = fresh = UserStop()
-            return fresh
-
     def stop(self, session: str | None) -> int:
         """Ask every generation of ``session`` to stop; returns how many were running."""
         with self._lock:
             events = [self._by_key[k] for k in self._by_session.get(session or "", ()) if k in self._by_key]
-            for event in events:  # under the lock: a concurrent renew() then sees the request
+            for event in events:
                 event.request()
         return len(events)
 

@@ -117,3 +117,30 @@ def test_main_warms_up_each_model_and_logs_the_seconds(tiny_model_dir, tmp_path,
     assert app.main(["--baseline", str(tiny_model_dir), "--cache_dir", str(tmp_path)]) == 0
     assert warmed == ["tiny demo model (random weights)", tiny_model_dir.name] and len(launched) == 1
     assert "model warmed up in 1.5 s" in caplog.text and "baseline warmed up in 1.5 s" in caplog.text
+
+
+def test_side_by_side_items_say_each_models_state_for_the_settings_lines(baseline_server):
+    """The app's lines come from stream_side_by_side's items: which model runs, which is done or
+    stopped, and for how long."""
+    import threading
+
+    from radiology.generate import GenerationSettings, SideBySideTexts, stream_side_by_side
+    from radiology.serve import read_upload
+
+    models, image = baseline_server.served.models, read_upload(EXAMPLE)
+    items = list(stream_side_by_side(models, image, settings=GenerationSettings(max_new_tokens=6)))
+    assert all(isinstance(item, SideBySideTexts) for item in items)
+    states = [tuple(item.states) for item in items]
+    assert states[0] == ("generating", "waiting") and states[-1] == ("done", "done")
+    assert ("done", "generating") in states and items[-1].seconds[0] > 0 and items[-1].seconds[1] > 0
+    # A stop asked while the first model writes: it is "stopped", the second "not run"; the
+    # caller's event is set by nobody else, so "stopped" always means a person asked.
+    stop = threading.Event()
+    stream = stream_side_by_side(models, image, settings=GenerationSettings(max_new_tokens=200), stop=stop)
+    assert next(stream).states == ["generating", "waiting"]
+    stop.set()
+    last = list(stream)[-1]
+    assert last.states == ["stopped", "not run"] and last[1] == ""
+    finished = threading.Event()
+    list(stream_side_by_side(models[:1], image, settings=GenerationSettings(max_new_tokens=4), stop=finished))
+    assert not finished.is_set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -30,18 +31,47 @@ def browser():
         chromium.close()
 
 
+# Answers of the long-answer app: the tiny model with a 4096-token window, whose decode engine
+# ignores stop tokens (the mechanism the benchmarks use to force a length), so that every answer
+# runs to its max new tokens. At this length no answer can end before Stop or a closed tab reaches it.
+LONG_ANSWER_TOKENS = 3500
+
+
+@pytest.fixture(scope="module")
+def long_answer_app(tmp_path_factory):
+    from radiology.serve import StopRegistry, load_for_demo
+    from radiology.tiny import write_tiny_model
+    from tests.conftest import RunningApp, free_port
+
+    folder = write_tiny_model(tmp_path_factory.mktemp("long") / "tiny-long-window")
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    config["text_config"].update(sliding_window=4096, max_position_embeddings=8192)
+    config_file.write_text(json.dumps(config))
+    served = load_for_demo(str(folder))
+    assert served.loaded.engine is not None and served.loaded.engine.max_len == 4096
+    served.loaded.engine.ignore_stop_tokens = True
+    options = app.AppConfig(host="127.0.0.1", port=free_port(), max_new_tokens=LONG_ANSWER_TOKENS)
+    stops = StopRegistry()
+    demo = app.build_demo(served, options, stops=stops)
+    app.launch(demo, options, prevent_thread_lock=True, quiet=True)
+    running = RunningApp(served, options, demo, stops)
+    yield running
+    running.close()
+
+
 def _start_long_generation(page, image: Path) -> None:
     page.locator("#upload input[type=file]").set_input_files(str(image))
     page.locator("#preview img").wait_for(state="visible", timeout=30_000)
-    # A long answer, so that Stop (or closing the tab) lands while it is still being written.
+    # The longest answer the app allows, so that Stop (or closing the tab) lands while it is written.
     page.get_by_text("Decoding", exact=True).first.click()
     tokens = page.locator("#max-new-tokens input[type=number]")
-    tokens.fill("1000")
+    tokens.fill(str(LONG_ANSWER_TOKENS))
     tokens.press("Enter")
     page.locator("#generate").click()
 
 
-def test_upload_generate_read_streamed_text_and_stop(browser, app_server, tmp_path):
+def test_page_shows_the_disclaimer_and_the_demo_model_notice(browser, app_server):
     page = browser.new_page(viewport={"width": 1280, "height": 1100})
     page.goto(app_server.url)
     disclaimer = page.locator("#disclaimer")
@@ -49,7 +79,19 @@ def test_upload_generate_read_streamed_text_and_stop(browser, app_server, tmp_pa
     assert app.DISCLAIMER in disclaimer.inner_text()
     assert page.locator("#demo-model-notice").is_visible()
     assert "tiny demo model (random weights)" in page.locator("#model-panel").inner_text()
+    # The preview offers download and full screen, no Share button (it would post a patient's image).
+    page.locator("#upload input[type=file]").set_input_files(str(ROOT / "assets" / "ct_axial.png"))
+    page.locator("#preview img").wait_for(state="visible", timeout=30_000)
+    page.locator("#preview").hover()
+    assert page.locator("#preview button[title='Download'], #preview a[download]").count() >= 1
+    assert page.locator("#preview button[title='Share'], #preview button[aria-label='Share']").count() == 0
+    page.close()
 
+
+def test_upload_generate_read_streamed_text_and_stop(browser, long_answer_app, tmp_path):
+    page = browser.new_page(viewport={"width": 1280, "height": 1100})
+    page.goto(long_answer_app.url)
+    page.locator("#disclaimer").wait_for(state="visible", timeout=60_000)
     _start_long_generation(page, ROOT / "assets" / "mr_abdomen.png")
     answer = page.locator("#answer textarea")
     seen: list[str] = []
@@ -70,6 +112,8 @@ def test_upload_generate_read_streamed_text_and_stop(browser, app_server, tmp_pa
     )
     assert "stopped by user" in settings_line.inner_text()
     assert answer.input_value().startswith(seen[-1])
+    tokenizer = long_answer_app.served.loaded.processor.tokenizer
+    assert len(tokenizer(answer.input_value(), add_special_tokens=False)["input_ids"]) < LONG_ANSWER_TOKENS / 2
 
     screenshot = tmp_path / "demo.png"
     page.screenshot(path=str(screenshot), full_page=True)
@@ -88,20 +132,20 @@ def test_picking_an_example_fills_the_upload_and_preview(browser, app_server):
     page.close()
 
 
-def test_closing_the_tab_ends_its_generation(browser, app_server):
+def test_closing_the_tab_ends_its_generation(browser, long_answer_app):
     page = browser.new_page()
-    page.goto(app_server.url)
+    page.goto(long_answer_app.url)
     page.locator("#disclaimer").wait_for(state="visible", timeout=60_000)
     _start_long_generation(page, ROOT / "assets" / "ct_axial.png")
     deadline = time.monotonic() + 120
     while not page.locator("#answer textarea").input_value() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert len(app_server.stops) == 1, "the generation should be running"
+    assert len(long_answer_app.stops) == 1, "the generation should be running"
     page.close()
     deadline = time.monotonic() + 30
-    while len(app_server.stops) and time.monotonic() < deadline:
+    while len(long_answer_app.stops) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert len(app_server.stops) == 0, "closing the tab should have ended the generation"
+    assert len(long_answer_app.stops) == 0, "closing the tab should have ended the generation"
 
 
 def test_dicom_upload_window_history_and_a_baseline_side_by_side(browser, baseline_server, tmp_path):
