@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
 from radiology.data import DEFAULT_INSTRUCTION
+from radiology.modeling import ModelConfigError
 from radiology.serve import (
     DEMO_MODEL_NAME,
     MAX_INSTRUCTION_CHARS,
@@ -190,7 +191,7 @@ def test_load_for_demo_falls_back_with_the_reason_when_the_model_is_missing(tmp_
     served = load_for_demo(missing, cache_dir=tmp_path)
     assert served.placeholder
     assert missing in served.reason and "could not be loaded" in served.reason
-    with pytest.raises(OSError):
+    with pytest.raises(ModelConfigError, match="no such folder"):
         load_for_demo(missing, cache_dir=tmp_path, require_model=True)
 
 
