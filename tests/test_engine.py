@@ -126,6 +126,7 @@ def test_a_failing_request_reaches_its_caller_and_the_engine_keeps_serving(fast,
 def test_warm_up_serves_every_batch_size(fast):
     seconds = fast.engine.warm_up(build_inputs(fast.processor, IMAGES[0]), GenerationSettings(max_new_tokens=2))
     assert seconds > 0 and {1, 2, 4} <= set(fast.engine.batch_sizes)
+    assert set(fast.engine._slots) == {(1, 1024), (2, 1024), (4, 1024)}, "each batch size, the first cache length"
     assert torch.is_inference_mode_enabled() is False
 
 
@@ -163,38 +164,36 @@ def _count_generated(loaded, monkeypatch) -> list[int]:
     return counts
 
 
-def test_answers_longer_than_the_engine_room_are_whole_and_equal_plain_generate(small_window_dir, monkeypatch):
+def test_answers_past_the_sliding_window_are_decoded_by_the_engine_and_equal_plain_generate(small_window_dir,
+                                                                                         monkeypatch):
     plain = load_for_generation(str(small_window_dir), fast=False)
     fast = load_for_generation(str(small_window_dir))
-    assert fast.engine.max_len == fast.model.config.get_text_config().sliding_window == 128
+    window = fast.model.config.get_text_config().sliding_window
+    assert window == 128 and fast.engine.max_len > window
     for loaded in (plain, fast):
         monkeypatch.setattr(loaded, "stop_token_ids", [])  # every answer runs to max_new_tokens
     counts = _count_generated(fast, monkeypatch)
     prompt = build_inputs(fast.processor, IMAGES[0])["input_ids"].shape[1]
-    room = fast.engine.max_len - prompt
-    assert room > 8, "the test needs a prompt that the engine can serve"
-
-    fitting = GenerationSettings(max_new_tokens=room)  # up to the window's last position: the engine's
-    assert generate_text(fast, IMAGES[0], settings=fitting) == generate_text(plain, IMAGES[0], settings=fitting)
-    assert fast.engine.batch_sizes and not counts
-
-    longer = GenerationSettings(max_new_tokens=room + 40)  # past the window: plain generate's, whole
+    longer = GenerationSettings(max_new_tokens=window - prompt + 40)  # the answer crosses the window
     expected = generate_text(plain, IMAGES[0], settings=longer)
     assert generate_text(fast, IMAGES[0], settings=longer) == expected
     assert list(stream_text(fast, IMAGES[0], settings=longer))[-1] == expected
     assert generate_batch(fast, IMAGES[:2], settings=longer)[0] == expected
-    assert counts == [room + 40] * 3
-    assert sum(fast.engine.batch_sizes.values()) == 1, "the longer requests never reached the engine"
-    with pytest.raises(ValueError, match="lower max_new_tokens"):
-        fast.engine.generate_ids(build_inputs(fast.processor, IMAGES[0]), longer)
+    assert not counts, "plain generate never ran"
+    assert sum(fast.engine.batch_sizes.values()) == 3
 
 
-def test_requests_that_fit_alone_but_not_together_are_decoded_apart_and_whole(plain, tiny_model_dir, monkeypatch):
-    loaded = load_for_generation(str(tiny_model_dir))
+def test_requests_that_fit_alone_but_not_together_are_decoded_apart_and_whole(tiny_model_dir, monkeypatch):
+    # In float32: in bf16 the long answer meets a near-tie at its 27th token (0.4961 against 0.4941 in
+    # plain generate, one bf16 step apart; an exact tie in the engine, whose attention sums over its
+    # static cache in another order), where argmax flips. float32 leaves such ties far below its steps.
+    plain = load_for_generation(str(tiny_model_dir), fast=False)
+    loaded = load_for_generation(str(tiny_model_dir), fast=False)
+    for model in (plain, loaded):
+        model.model.to(torch.float32)
+        monkeypatch.setattr(model, "stop_token_ids", [])
     # A long wait: both requests below are sure to reach the worker as one batch.
     loaded.engine = DecodeEngine(loaded, max_len=180, batch_wait_s=2.0)
-    for model in (plain, loaded):
-        monkeypatch.setattr(model, "stop_token_ids", [])
     short = build_inputs(loaded.processor, IMAGES[0])  # a short prompt with a long answer...
     wide = build_inputs(loaded.processor, IMAGES[1], context=CONTEXTS[1])  # ...and a wide one, short answer
     long_answer = GenerationSettings(max_new_tokens=180 - short["input_ids"].shape[1])
