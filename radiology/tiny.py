@@ -139,7 +139,7 @@ def _tiny_text_config(processor: Gemma3Processor) -> dict:
         model_type="gemma3_text", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
         layer_types=["sliding_attention", "full_attention"], sliding_window=512,
-        query_pre_attn_scalar=32, max_position_embeddings=2048,
+        query_pre_attn_scalar=32, max_position_embeddings=8192,
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=[tok.eos_token_id, end_of_turn],
     )
 

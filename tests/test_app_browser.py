@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -31,26 +30,21 @@ def browser():
         chromium.close()
 
 
-# Answers of the long-answer app: the tiny model with a 4096-token window, whose decode engine
-# ignores stop tokens (the mechanism the benchmarks use to force a length), so that every answer
-# runs to its max new tokens. At this length no answer can end before Stop or a closed tab reaches it.
+# Answers of the long-answer app: the tiny model, whose decode engine ignores stop tokens (the
+# mechanism the benchmarks use to force a length), so that every answer runs to its max new tokens.
+# At this length no answer can end before Stop or a closed tab reaches it.
 LONG_ANSWER_TOKENS = 3500
 
 
 @pytest.fixture(scope="module")
 def long_answer_app(tmp_path_factory):
     from radiology.serve import StopRegistry, load_for_demo
-    from radiology.tiny import write_tiny_model
     from tests.conftest import RunningApp, free_port
 
-    folder = write_tiny_model(tmp_path_factory.mktemp("long") / "tiny-long-window")
-    config_file = folder / "config.json"
-    config = json.loads(config_file.read_text())
-    config["text_config"].update(sliding_window=4096, max_position_embeddings=8192)
-    config_file.write_text(json.dumps(config))
-    served = load_for_demo(str(folder))
-    assert served.loaded.engine is not None and served.loaded.engine.max_len == 4096
-    served.loaded.engine.ignore_stop_tokens = True
+    served = load_for_demo(None, cache_dir=tmp_path_factory.mktemp("long-cache"))
+    engine = served.loaded.engine
+    assert engine is not None and engine.fits(64, LONG_ANSWER_TOKENS), "the engine must serve the whole answer"
+    engine.ignore_stop_tokens = True
     options = app.AppConfig(host="127.0.0.1", port=free_port(), max_new_tokens=LONG_ANSWER_TOKENS)
     stops = StopRegistry()
     demo = app.build_demo(served, options, stops=stops)
@@ -68,6 +62,12 @@ def _start_long_generation(page, image: Path) -> None:
     tokens = page.locator("#max-new-tokens input[type=number]")
     tokens.fill(str(LONG_ANSWER_TOKENS))
     tokens.press("Enter")
+    tokens.blur()
+    # The slider takes the typed value on its own schedule: wait until it holds it, or Generate sends the old one.
+    page.wait_for_function(
+        f"() => document.querySelector('#max-new-tokens input[type=range]').value === '{LONG_ANSWER_TOKENS}'",
+        timeout=10_000,
+    )
     page.locator("#generate").click()
 
 

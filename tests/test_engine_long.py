@@ -30,6 +30,7 @@ def window_dir(tiny_model_dir, tmp_path_factory):
     shutil.copytree(tiny_model_dir, folder)
     config = json.loads((folder / "config.json").read_text())
     config["text_config"]["sliding_window"] = WINDOW
+    config["text_config"]["max_position_embeddings"] = 2048  # below the engine's default cap of 8192
     (folder / "config.json").write_text(json.dumps(config))
     return folder
 
