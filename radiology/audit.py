@@ -35,11 +35,11 @@ from radiology.data import (
     IMAGE,
     IMAGE_ID,
     DatasetError,
-    ImageDecodeError,
     decode_image,
     load_caption_splits,
     require_columns,
 )
+from radiology.images import ImageDecodeError
 from radiology.quality import (
     BLURRY,
     DEFAULT_NEAR_DUPLICATE_DISTANCE,
