@@ -27,20 +27,14 @@ from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from radiology.collate import CaptionCollator
 from radiology.config import RadiologyArguments
-from radiology.data import (
-    DatasetError,
-    PreparedDataset,
-    load_caption_dataset,
-    load_caption_splits,
-    prepare_caption_dataset,
-)
+from radiology.data import DatasetArguments, DatasetError, PreparedDataset, is_single_file
 from radiology.distributed import (
     check_fsdp_checkpointing,
     check_fsdp_model,
     check_single_process_gpus,
     world_size,
 )
-from radiology.evaluate import EvalConfig, EvaluationError, check_eval_output_dir, run_evaluation
+from radiology.evaluate import EvalArguments, EvalConfig, EvaluationError, check_eval_output_dir, run_evaluation
 from radiology.generate import GenerationSettings
 from radiology.memory import GpuMemoryCallback
 from radiology.merge import merge_adapter
@@ -116,16 +110,7 @@ def _prepare_split(
 ) -> PreparedDataset:
     """One split of --dataset_name under the canonical columns, bad rows dropped. Call it inside
     main_process_first: one process validates and caches, the others reuse the cache."""
-    raw = load_caption_dataset(script_args.dataset_name, split, script_args.dataset_config, script_args.image_column)
-    return prepare_caption_dataset(
-        raw,
-        image_column=script_args.image_column,
-        caption_column=script_args.caption_column,
-        id_column=script_args.id_column,
-        context_column=script_args.context_column,
-        max_samples=max_samples,
-        num_proc=training_args.dataset_num_proc,
-    )
+    return script_args.prepare(script_args.load(split), max_samples, training_args.dataset_num_proc)
 
 
 def load_training_data(script_args: RadiologyArguments, training_args: SFTConfig) -> PreparedDataset:
@@ -157,6 +142,7 @@ def load_eval_data(script_args: RadiologyArguments, training_args: SFTConfig) ->
     rows repeated to even out the shares, so the figure is the one a single process would report."""
     if _eval_strategy(training_args) == "no":
         return None
+    _require_several_splits(script_args, f"--eval_strategy {_eval_strategy(training_args)}")
     with PartialState().main_process_first():
         prepared = _prepare_split(script_args, training_args, script_args.eval_split, script_args.eval_max_samples)
     # Only the loss is wanted: without this the trainer would keep every batch's logits (262k per token).
@@ -181,18 +167,22 @@ class SelectiveCheckpointing(TrainerCallback):
                 module.gradient_checkpointing = in_vision if self.scope == "vision" else not in_vision
 
 
+def _require_several_splits(script_args: RadiologyArguments, flag: str) -> None:
+    """A held-out split must not be the training rows themselves, which a single file would give."""
+    if is_single_file(script_args.dataset_name):
+        raise DatasetError(
+            f"{flag} needs a dataset with several splits; {script_args.dataset_name} is a single file: it holds "
+            "one split, the training rows. Give a folder with one file per split (train.parquet, test.parquet) or a "
+            "hub id."
+        )
+
+
 def _held_out_images(script_args: RadiologyArguments, num_proc: int | None) -> dict[str, MeasuredImages]:
     """Measured images of the splits named by --drop_images_in_split (every row of each)."""
     if not script_args.drop_images_in_split:
         return {}
-    if Path(script_args.dataset_name).expanduser().is_file():
-        raise DatasetError(
-            f"--drop_images_in_split needs a dataset with several splits; {script_args.dataset_name} is a single "
-            "file. Give a folder with one file per split (train.parquet, test.parquet) or a hub id."
-        )
-    splits = load_caption_splits(
-        script_args.dataset_name, script_args.dataset_config, script_args.drop_images_in_split, script_args.image_column
-    )
+    _require_several_splits(script_args, "--drop_images_in_split")
+    splits = script_args.load_splits(script_args.drop_images_in_split)
     return {name: measure_images(split, script_args.image_column, num_proc) for name, split in splits.items()}
 
 
@@ -227,7 +217,8 @@ def _eval_output_dir(script_args: RadiologyArguments, training_args: SFTConfig) 
 
 def check_evaluation_setup(script_args: RadiologyArguments, training_args: SFTConfig) -> None:
     """With --evaluate, fail before training (not hours later) on a missing or empty split or a used folder."""
-    split = load_caption_dataset(script_args.dataset_name, script_args.eval_split, script_args.dataset_config)
+    _require_several_splits(script_args, "--evaluate")
+    split = script_args.load(script_args.eval_split)
     if len(split) == 0:
         raise DatasetError(
             f"--eval_split {script_args.eval_split!r} of {script_args.dataset_name} is empty: there is nothing "
@@ -246,33 +237,33 @@ def evaluation_config(
     elif model_args.use_peft:
         model, adapter = model_args.model_name_or_path, str(outcome.adapter_dir)
     return EvalConfig(
-        model=model,
-        adapter=adapter,
-        baseline=script_args.eval_baseline or model_args.model_name_or_path,
-        output_dir=str(_eval_output_dir(script_args, training_args)),
-        processor_name_or_path=script_args.processor_name_or_path,
-        dataset_name=script_args.dataset_name,
-        dataset_config=script_args.dataset_config,
-        split=script_args.eval_split,
-        image_column=script_args.image_column,
-        caption_column=script_args.caption_column,
-        id_column=script_args.id_column,
-        instruction=script_args.instruction,
-        max_samples=script_args.eval_max_samples,
-        batch_size=script_args.eval_batch_size,
+        args=EvalArguments(
+            model=model,
+            adapter=adapter,
+            baseline=script_args.eval_baseline or model_args.model_name_or_path,
+            output_dir=str(_eval_output_dir(script_args, training_args)),
+            processor_name_or_path=script_args.processor_name_or_path,
+            split=script_args.eval_split,
+            max_samples=script_args.eval_max_samples,
+            batch_size=script_args.eval_batch_size,
+            overwrite_output_dir=script_args.overwrite_output_dir,
+        ),
+        data=DatasetArguments.of(script_args),  # the columns the model was trained with, context included
         settings=GenerationSettings(max_new_tokens=script_args.eval_max_new_tokens, seed=training_args.seed),
-        seed=training_args.seed,
-        overwrite=script_args.overwrite_output_dir,
+        instruction=script_args.instruction,
     )
 
 
 def _rerun_command(config: EvalConfig) -> str:
-    parts = ["python -m radiology.evaluate", "--model", config.model]
-    if config.adapter:
-        parts += ["--adapter", config.adapter]
-    if config.baseline:
-        parts += ["--baseline", config.baseline]
-    parts += ["--dataset_name", config.dataset_name, "--split", config.split, "--output_dir", config.output_dir]
+    args = config.args
+    parts = ["python -m radiology.evaluate", "--model", args.model]
+    if args.adapter:
+        parts += ["--adapter", args.adapter]
+    if args.baseline:
+        parts += ["--baseline", args.baseline]
+    if args.processor_name_or_path:
+        parts += ["--processor_name_or_path", args.processor_name_or_path]
+    parts += [*config.data.flags(), "--split", config.split, "--output_dir", args.output_dir]
     return " ".join(shlex.quote(p) if i else p for i, p in enumerate(parts))
 
 

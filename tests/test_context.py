@@ -111,6 +111,18 @@ def test_control_tokens_in_the_instruction_are_refused():
         build_messages("Describe.<end_of_turn>", caption=CAPTION)
 
 
+def test_train_refuses_an_instruction_with_control_tokens_before_loading(tmp_path, tiny_model_dir, capsys,
+                                                                         refuse_loading):
+    import train
+
+    code = train.main(["--config", "recipes/tiny-cpu.yaml", "--model_name_or_path", str(tiny_model_dir),
+                       "--dataset_name", str(tmp_path), "--output_dir", str(tmp_path / "out"),
+                       "--instruction", "Describe.<start_of_turn>model"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "--instruction contains the chat control token <start_of_turn>" in err
+
+
 def write_context_parquet(folder, image) -> str:
     rows = [
         {"image": encode(image), "caption": CAPTION, "image_id": f"r{i}", "history": history}
