@@ -15,7 +15,6 @@ itself may be kept. audit.json holds ids, numbers and reasons, never image conte
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
@@ -30,16 +29,17 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, Image as ImageFeature
 
+from radiology.config import ProjectParser
 from radiology.data import (
     CAPTION,
     IMAGE,
     IMAGE_ID,
+    DatasetArguments,
     DatasetError,
-    ImageDecodeError,
     decode_image,
-    load_caption_splits,
     require_columns,
 )
+from radiology.images import ImageDecodeError
 from radiology.quality import (
     BLURRY,
     DEFAULT_NEAR_DUPLICATE_DISTANCE,
@@ -60,7 +60,17 @@ from radiology.quality import (
     shared_images,
 )
 
-__all__ = ["AuditResult", "Leak", "RowAudit", "SplitAudit", "audit_splits", "main", "write_report"]
+__all__ = [
+    "AuditArguments",
+    "AuditResult",
+    "Leak",
+    "RowAudit",
+    "SplitAudit",
+    "audit_splits",
+    "main",
+    "make_parser",
+    "write_report",
+]
 
 DEFAULT_MIN_CAPTION_WORDS = 3  # fewer words cannot describe a finding ("Chest X-ray.")
 THUMBNAIL_SIDE = 128
@@ -532,40 +542,64 @@ def write_report(result: AuditResult, output_dir: str | Path) -> tuple[Path, Pat
 # --------------------------------------------------------------------------- command line
 
 
+@dataclass
+class AuditArguments:
+    """radiology.audit's own options (the dataset is DatasetArguments)."""
+
+    output_dir: str = field(metadata={"help": "Folder for report.html and audit.json."})
+    split: list[str] | None = field(
+        default=None,
+        metadata={"help": "Split(s) to audit; none: every split, so that leakage between them is checked."},
+    )
+    min_image_side: int | None = field(default=None, metadata={"help": "Flag images whose shorter side is below N px."})
+    min_sharpness: float | None = field(
+        default=None, metadata={"help": "Flag images whose sharpness is below this (none: only show the blurriest)."}
+    )
+    min_caption_words: int = field(
+        default=DEFAULT_MIN_CAPTION_WORDS, metadata={"help": "Flag captions with fewer words."}
+    )
+    near_duplicate_distance: int = field(
+        default=DEFAULT_NEAR_DUPLICATE_DISTANCE,
+        metadata={"help": "Bits of the 64-bit perceptual hash within which two images are the same picture."},
+    )
+    blurriest: int = field(default=12, metadata={"help": "How many of the blurriest images to show per split."})
+    max_samples: int | None = field(default=None, metadata={"help": "Audit only the first N rows of each split."})
+    num_proc: int | None = field(default=None, metadata={"help": "Processes for decoding and measuring images."})
+
+    def __post_init__(self) -> None:
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError("--max_samples must be at least 1 (or omitted for whole splits)")
+
+    def thresholds(self) -> QualityThresholds:
+        """The limits above, checked (an impossible one is a ValueError naming its flag)."""
+        return QualityThresholds(
+            min_image_side=self.min_image_side, min_sharpness=self.min_sharpness,
+            min_caption_words=self.min_caption_words, near_duplicate_distance=self.near_duplicate_distance,
+        )
+
+
+def make_parser() -> ProjectParser:
+    """The command line: the shared DatasetArguments and AuditArguments."""
+    return ProjectParser(
+        [("dataset", DatasetArguments), ("audit", AuditArguments)],
+        description="Audit an image-caption dataset's quality; write report.html and audit.json.",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the audit from the command line; returns the exit status (2 on a usage or data error)."""
-    parser = argparse.ArgumentParser(description="Audit an image-caption dataset's quality; write report.html and audit.json.")
-    parser.add_argument("--dataset_name", required=True, help="hub id, local parquet/JSONL/CSV file, or local folder")
-    parser.add_argument("--dataset_config", default=None)
-    parser.add_argument("--split", nargs="+", default=None, help="split(s) to audit (default: all, so leakage is checked)")
-    parser.add_argument("--output_dir", required=True, help="folder for report.html and audit.json")
-    parser.add_argument("--image_column", default=IMAGE)
-    parser.add_argument("--caption_column", default=CAPTION)
-    parser.add_argument("--id_column", default=IMAGE_ID, help="column identifying each image in the report")
-    parser.add_argument("--min_image_side", type=int, default=None, help="flag images whose shorter side is below N px")
-    parser.add_argument("--min_sharpness", type=float, default=None,
-                        help="flag images whose sharpness is below this (default: only show the blurriest)")
-    parser.add_argument("--min_caption_words", type=int, default=DEFAULT_MIN_CAPTION_WORDS,
-                        help="flag captions with fewer words")
-    parser.add_argument("--near_duplicate_distance", type=int, default=DEFAULT_NEAR_DUPLICATE_DISTANCE,
-                        help="bits of the 64-bit perceptual hash within which two images are the same picture")
-    parser.add_argument("--blurriest", type=int, default=12, help="how many of the blurriest images to show per split")
-    parser.add_argument("--max_samples", type=int, default=None, help="audit only the first N rows of each split")
-    parser.add_argument("--num_proc", type=int, default=None, help="processes for decoding and measuring images")
-    args = parser.parse_args(argv)
     try:
-        thresholds = QualityThresholds(
-            min_image_side=args.min_image_side, min_sharpness=args.min_sharpness,
-            min_caption_words=args.min_caption_words, near_duplicate_distance=args.near_duplicate_distance,
-        )
-        if args.max_samples is not None and args.max_samples < 1:
-            raise ValueError("--max_samples must be at least 1 (or omitted for whole splits)")
-        splits = load_caption_splits(args.dataset_name, args.dataset_config, args.split, args.image_column)
+        data, args = make_parser().parse_args_and_config(args=argv)
+        thresholds = args.thresholds()
+        splits = data.load_splits(args.split)
         if args.max_samples is not None:
             splits = {n: ds.select(range(min(args.max_samples, len(ds)))) for n, ds in splits.items()}
+        if data.context_column:  # not audited, but a wrong name is better found now than when training
+            for dataset in splits.values():
+                require_columns(dataset, {"context_column": data.context_column})
         result = audit_splits(
-            splits, args.image_column, args.caption_column, args.id_column, thresholds,
-            blurriest=args.blurriest, num_proc=args.num_proc, dataset_name=args.dataset_name,
+            splits, data.image_column, data.caption_column, data.id_column, thresholds,
+            blurriest=args.blurriest, num_proc=args.num_proc, dataset_name=data.dataset_name,
         )
         report, summary = write_report(result, args.output_dir)
     except (DatasetError, ValueError, OSError) as err:

@@ -1,90 +1,115 @@
-"""Command-line and recipe configuration: TRL's SFTConfig and ModelConfig plus one dataclass of ours.
+"""Command-line and recipe configuration: one way to parse options for every command.
 
-Precedence: the recipe defaults below < a YAML file given with ``--config`` < command-line flags.
+train.py parses RadiologyArguments (ours) with TRL's ModelConfig and SFTConfig; radiology.evaluate and
+radiology.audit parse their own dataclasses. All three share DatasetArguments (radiology.data), parse
+through ProjectParser and accept a YAML file with ``--config``.
+
+Precedence: the defaults < a YAML file given with ``--config`` < command-line flags. train.py's defaults
+are the recipe ``recipes/gemma3-4b-qlora.yaml`` (the one place its values are written) plus the few
+settings the pipeline needs whatever the recipe (PIPELINE_DEFAULTS).
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, get_type_hints
 
+import yaml
 from trl import ModelConfig, SFTConfig, TrlParser
 
-from radiology.data import DEFAULT_INSTRUCTION
+from radiology.data import DEFAULT_INSTRUCTION, DatasetArguments, refuse_control_tokens
 from radiology.quality import DEFAULT_NEAR_DUPLICATE_DISTANCE, QualityThresholds
 
-__all__ = ["DEFAULT_MODEL", "RECIPE_DEFAULTS", "RadiologyArguments", "make_parser", "parse_args"]
+__all__ = [
+    "DEFAULT_RECIPE",
+    "PIPELINE_DEFAULTS",
+    "ProjectParser",
+    "RadiologyArguments",
+    "make_parser",
+    "parse_args",
+    "read_recipe",
+    "recipe_defaults",
+]
 
-DEFAULT_MODEL = "google/gemma-3-4b-pt"
+# The well-known QLoRA recipe for Gemma 3 4B on radiology captions: train.py's defaults, every value overridable.
+DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "gemma3-4b-qlora.yaml"
 
-# The well-known QLoRA recipe for Gemma 3 on radiology captions; every value can be overridden.
-RECIPE_DEFAULTS: dict[str, Any] = {
-    # model (ModelConfig)
-    "model_name_or_path": DEFAULT_MODEL,
-    "dtype": "bfloat16",
-    "attn_implementation": "sdpa",  # keeps Gemma 3's bidirectional attention over image tokens
-    "use_peft": True,
-    "load_in_4bit": True,
-    "bnb_4bit_quant_type": "nf4",
-    "use_bnb_nested_quant": True,  # double quantisation (QLoRA paper): ~0.4 bit/param saved
-    "bnb_4bit_quant_storage": "bfloat16",
-    "lora_r": 16,
-    "lora_alpha": 16,
-    "lora_dropout": 0.05,
-    "lora_target_modules": ["all-linear"],
-    "lora_modules_to_save": ["lm_head", "embed_tokens"],
-    # training (SFTConfig)
+# Not taken from the default recipe: it belongs to the recipe's model, and a run without --config may name
+# another one; the processor then follows --model_name_or_path (the -it sibling of a -pt checkpoint).
+_RECIPE_MODEL_SPECIFIC = ("processor_name_or_path",)
+
+# What the pipeline needs whatever the recipe: not choices a recipe makes.
+PIPELINE_DEFAULTS: dict[str, Any] = {
     "output_dir": "gemma-3-radiology",
-    "num_train_epochs": 1.0,
-    # 4 samples per optimizer step as in the seed recipe, as one micro-batch (same effective batch).
-    "per_device_train_batch_size": 4,
-    "gradient_accumulation_steps": 1,
-    "train_sampling_strategy": "group_by_length",
-    "dataloader_num_workers": 4,
-    "dataloader_persistent_workers": True,
-    "activation_checkpointing": True,
-    "activation_checkpointing_kwargs": {"use_reentrant": False},
-    "optim": "adamw_torch_fused",
+    "push_to_hub": False,
+    "remove_unused_columns": False,  # the collator needs the image and caption columns
+    "dataset_kwargs": {"skip_prepare_dataset": True},  # the collator builds the batches
     # Under DDP (accelerate launch): every trainable weight takes part in each step, so DDP need not
     # search the graph for unused ones after every backward (its default for a PEFT model).
     "ddp_find_unused_parameters": False,
-    "learning_rate": 2e-4,  # QLoRA paper
-    "max_grad_norm": 0.3,  # QLoRA paper
-    "warmup_steps": 0.03,  # a float below 1 is a ratio of the total steps
-    "lr_scheduler_type": "constant_with_warmup",  # plain "constant" would silently skip the warmup
-    "bf16": True,
-    "logging_steps": 5,
-    "save_strategy": "epoch",
-    "report_to": ["tensorboard"],
-    "push_to_hub": False,
-    "max_length": 1024,
-    "remove_unused_columns": False,  # the collator needs the image and caption columns
-    "dataset_kwargs": {"skip_prepare_dataset": True},
 }
 
 
-@dataclass
-class RadiologyArguments:
-    """Data, prompt and output options that TRL's configs do not cover."""
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """A YAML recipe as the mapping of option names to values that --config gives."""
+    with open(path, encoding="utf-8") as handle:
+        recipe = yaml.safe_load(handle)
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{path} must hold a YAML mapping of option names to values (like recipes/*.yaml)")
+    return recipe
 
-    dataset_name: str = field(
-        default="unsloth/Radiology_mini",
-        metadata={"help": "Hub dataset id, a local parquet/JSONL/CSV file, or a local folder (files or images)."},
-    )
-    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name, if any."})
+
+def recipe_defaults() -> dict[str, Any]:
+    """train.py's defaults: the default recipe (less its model-specific processor) and PIPELINE_DEFAULTS."""
+    recipe = read_recipe(DEFAULT_RECIPE)
+    recipe = {name: value for name, value in recipe.items() if name not in _RECIPE_MODEL_SPECIFIC}
+    return {**recipe, **PIPELINE_DEFAULTS}
+
+
+class ProjectParser(TrlParser):
+    """TrlParser (dataclasses, ``--config recipe.yaml``) whose --help lists ``--config`` and the first
+    dataclass's options first, then each other dataclass under its own title: train.py's own options
+    come before TRL's ~190."""
+
+    def __init__(self, groups: Sequence[tuple[str, type]], description: str | None = None):
+        self._titles = {dtype: title for title, dtype in groups}
+        self._config_listed = False
+        # The usage line would otherwise list every flag (some 230 for train.py) before the groups.
+        super().__init__(
+            [dtype for _, dtype in groups], description=description, usage="%(prog)s [--config YAML] [options]"
+        )
+
+    def _add_dataclass_arguments(self, dtype: type) -> None:
+        # HfArgumentParser gives a dataclass a titled group only through an _argument_group_name attribute, which
+        # TRL's configs lack: their flags would share argparse's first group with ours.
+        group = self.add_argument_group(self._titles[dtype])
+        if not self._config_listed:
+            # TrlParser reads --config itself, before argparse sees the flags: this entry is for --help.
+            group.add_argument(
+                "--config", metavar="YAML", default=argparse.SUPPRESS,
+                help="YAML file of option values (option names as keys, like recipes/*.yaml for train.py); "
+                "flags given here override it",
+            )
+            self._config_listed = True
+        hints = get_type_hints(dtype)
+        for spec in dataclasses.fields(dtype):
+            if spec.init:
+                spec.type = hints[spec.name]
+                self._parse_dataclass_field(group, spec)
+
+
+@dataclass
+class RadiologyArguments(DatasetArguments):
+    """train.py's own options, those TRL's configs do not cover: the dataset (DatasetArguments' fields
+    first), the prompt, data filters, merging and evaluation."""
+
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     max_train_samples: int | None = field(
-        default=800, metadata={"help": "Train on the first N rows of the split (the seed recipe uses 800)."}
-    )
-    image_column: str = field(default="image", metadata={"help": "Column holding images or image paths."})
-    caption_column: str = field(default="caption", metadata={"help": "Column holding the reference caption."})
-    id_column: str = field(default="image_id", metadata={"help": "Column holding an image identifier, if any."})
-    context_column: str | None = field(
-        default=None,
-        metadata={
-            "help": "Column holding optional clinical context (history or question, e.g. '58-year-old smoker, "
-            "cough for 3 weeks'); it goes into the prompt after the instruction. Rows without it keep the plain prompt."
-        },
+        default=None, metadata={"help": "Train on the first N rows of the split (none: all; the seed recipe: 800)."}
     )
     instruction: str = field(default=DEFAULT_INSTRUCTION, metadata={"help": "Instruction shown with each image."})
     processor_name_or_path: str | None = field(
@@ -164,6 +189,7 @@ class RadiologyArguments:
     )
 
     def __post_init__(self) -> None:
+        refuse_control_tokens(self.instruction, "--instruction")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise ValueError("--max_train_samples must be at least 1 (or omitted for the whole split)")
         if self.checkpointing_scope not in ("all", "vision", "text"):
@@ -193,14 +219,26 @@ class RadiologyArguments:
         )
 
 
-def make_parser() -> TrlParser:
-    parser = TrlParser((RadiologyArguments, SFTConfig, ModelConfig))
-    parser.set_defaults_with_config(**RECIPE_DEFAULTS)
+def make_parser() -> ProjectParser:
+    """train.py's parser: our options first, then TRL's model and training configs; the default recipe's values."""
+    parser = ProjectParser(
+        [
+            ("radiology-gemma: dataset, prompt, data filters, merge, evaluation", RadiologyArguments),
+            ("model, quantisation and LoRA (TRL ModelConfig)", ModelConfig),
+            ("training (TRL SFTConfig, transformers TrainingArguments)", SFTConfig),
+        ],
+        description="Fine-tune Gemma 3 on radiology images with captions (QLoRA), save the adapter, merge it. "
+        f"Defaults: {DEFAULT_RECIPE.relative_to(DEFAULT_RECIPE.parent.parent)}; a YAML file given with --config "
+        "overrides them, and flags override both.",
+    )
+    unknown = parser.set_defaults_with_config(**recipe_defaults())
+    if unknown:
+        raise ValueError(f"{DEFAULT_RECIPE} names options train.py does not have: {' '.join(unknown[::2])}")
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[RadiologyArguments, SFTConfig, ModelConfig]:
-    script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
+    script_args, model_args, training_args = make_parser().parse_args_and_config(args=argv)
     if training_args.fp16:
         raise ValueError("fp16 is not supported for Gemma 3 (its activations overflow): use --bf16")
     if training_args.push_to_hub and not training_args.hub_model_id:

@@ -8,14 +8,19 @@ file paths (relative paths are resolved against the dataset's folder).
 DICOM files (paths ending in .dcm, or any file with the DICOM marker) are rendered through
 ``radiology.dicom`` with the file's own window; header values never reach the dataset or the logs.
 
-Rows are validated once, up front: rows with an empty caption or an image that does not decode are
-dropped and counted, so that training never crashes mid-epoch on one bad file.
+Rows are validated once, up front: rows with an empty caption, an image file that is not there, an
+image that does not decode, or Gemma control tokens (``<end_of_turn>``...) in the caption or context
+are dropped and counted by cause, so that training never crashes mid-epoch on one bad file and never
+learns a structure the prompt does not have.
+
+``DatasetArguments`` describes a dataset (where it is, which column holds what) once for every command.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -23,24 +28,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from datasets import Dataset, DatasetDict, Image as ImageFeature, Value, load_dataset
-from PIL import Image, ImageOps, UnidentifiedImageError
+from datasets.exceptions import DatasetNotFoundError
+from huggingface_hub.errors import OfflineModeIsEnabled
+from PIL import Image, UnidentifiedImageError
+
+from radiology.dicom import NotDicomError, has_dicom_preamble, read_dicom_image
+from radiology.images import ImageDecodeError, ImageNotFoundError, to_rgb
 
 __all__ = [
     "DEFAULT_INSTRUCTION",
+    "WHOLE_FILE",
+    "DatasetArguments",
     "DatasetError",
-    "ImageDecodeError",
     "PreparedDataset",
     "build_messages",
     "control_token_in",
     "decode_image",
+    "is_single_file",
     "load_caption_dataset",
     "load_caption_splits",
     "open_image",
     "prepare_caption_dataset",
+    "refuse_control_tokens",
     "require_columns",
-    "to_rgb",
 ]
 
 logger = logging.getLogger(__name__)
@@ -52,6 +63,8 @@ IMAGE, CAPTION, IMAGE_ID, CONTEXT = "image", "caption", "image_id", "context"
 # Caption length in characters: what length-grouped batching sorts by (a proxy for tokens that
 # needs no tokenizer; the prompt and image block are the same length for every row).
 LENGTH = "length"
+# The split name of a dataset given as one file: it holds every row, not a "train" or "test" split.
+WHOLE_FILE = "whole file"
 
 _LOCAL_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 _EMPTY_SPLIT = re.compile(r'Instruction "([^"]+)" corresponds to no data')
@@ -61,39 +74,7 @@ class DatasetError(ValueError):
     """A dataset that cannot be used as given; the message says how to fix it."""
 
 
-class ImageDecodeError(ValueError):
-    """An image that cannot be read; the message names the cause."""
-
-    # The short label under which a dropped row is counted (subclasses name their cause).
-    reason = "unreadable image"
-
-
 # --------------------------------------------------------------------------- images
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow image (grayscale, 16-bit, float, palette, alpha, CMYK...) as 8-bit RGB.
-
-    High-bit-depth grayscale is stretched from its own min..max to 0..255: a 12/16-bit radiograph
-    stored as PNG/TIFF would otherwise clip to white under Pillow's plain conversion. Transparent
-    areas are composited onto black, the background of radiographs.
-    """
-    image = ImageOps.exif_transpose(image)
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        pixels = np.asarray(image, dtype=np.float32)
-        low, high = float(pixels.min()), float(pixels.max())
-        scale = 255.0 / (high - low) if high > low else 0.0
-        gray = ((pixels - low) * scale).clip(0, 255).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
-    if image.mode in ("P", "PA"):
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def open_image(value: Any) -> Image.Image:
@@ -103,9 +84,6 @@ def open_image(value: Any) -> Image.Image:
     with other names) after Pillow fails, and rendered by ``radiology.dicom`` with the file's own
     window. Raises ImageDecodeError (never a Pillow, pydicom or OS error) when it cannot be read.
     """
-    # Imported here: radiology.dicom builds on this module's ImageDecodeError.
-    from radiology.dicom import NotDicomError, has_dicom_preamble, read_dicom_image
-
     if isinstance(value, Image.Image):
         return value
     source: Any
@@ -121,7 +99,7 @@ def open_image(value: Any) -> Image.Image:
     else:
         path = Path(source)
         if not path.is_file():
-            raise ImageDecodeError(f"image file not found: {path}")
+            raise ImageNotFoundError(f"image file not found: {path}")
         if path.suffix.lower() == ".dcm":
             return read_dicom_image(path).image  # checks the size before reading the file
         data = path.read_bytes()
@@ -174,6 +152,16 @@ def control_token_in(text: str) -> str | None:
 
 
 
+def refuse_control_tokens(text: str, what: str) -> None:
+    """Raise ValueError naming ``what`` ("the instruction", "--instruction"...) when ``text`` holds a control token."""
+    token = control_token_in(text)
+    if token is not None:
+        raise ValueError(
+            f"{what} contains the chat control token {token}, which would change the prompt's structure (a turn or "
+            "an image that is not there); remove it"
+        )
+
+
 def build_messages(
     instruction: str,
     caption: str | None = None,
@@ -185,15 +173,11 @@ def build_messages(
     Training and inference both call this, so the model sees the same prompt in both. Without
     context the user text is the instruction alone, exactly as before context existed.
     """
+    refuse_control_tokens(instruction, "the instruction")
     text = instruction
     if context is not None and str(context).strip():
         context = str(context).strip()
-        token = control_token_in(context)
-        if token is not None:
-            raise ValueError(
-                f"the clinical context contains the chat control token {token}, which would change the "
-                "prompt's structure; remove it from the context"
-            )
+        refuse_control_tokens(context, "the clinical context")
         # One text item, not two: Gemma 3's chat template trims every item, which would glue a
         # second item straight onto the instruction ("...this image.Clinical context: ...").
         text = f"{instruction}\n\nClinical context: {context}"
@@ -228,15 +212,62 @@ def _load_splits(name: str, wanted: Sequence[str] | None, *args: Any, **kwargs: 
         return DatasetDict({split: load_dataset(*args, **kwargs, split=split) for split in wanted})
 
 
+def is_single_file(name: str) -> bool:
+    """Whether a dataset name is one local file (which holds one split) rather than a folder or hub id."""
+    return Path(name).expanduser().is_file()
+
+
+def _offline_setting() -> str | None:
+    """The variable that keeps datasets off the hub, if one is set."""
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(variable, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return variable
+    return None
+
+
+def _caused_by(err: BaseException, kind: type[BaseException]) -> bool:
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _load_from_hub(name: str, config: str | None, splits: Sequence[str] | None) -> Dataset | DatasetDict:
+    """A hub dataset, with what to do when it is not there or the hub cannot be reached."""
+    local = "or pass a local folder or parquet/JSONL/CSV file (local paths start with ./ or /)"
+    try:
+        return _load_splits(name, splits, name, config)
+    except DatasetNotFoundError as err:
+        raise DatasetError(
+            f"dataset {name} was not found on the Hugging Face Hub: check the id (owner/name); for a private or gated "
+            f"dataset log in with `hf auth login` and accept its terms on its page; {local}"
+        ) from err
+    except ConnectionError as err:
+        offline = _offline_setting()
+        if offline is not None or _caused_by(err, OfflineModeIsEnabled):
+            setting = offline or "offline mode"
+            raise DatasetError(
+                f"dataset {name} is neither a local path nor in the local cache, and {setting} is set, so the Hugging "
+                f"Face Hub was not asked for it. Unset {setting} to download it, {local}"
+            ) from err
+        raise DatasetError(
+            f"could not reach the Hugging Face Hub to download dataset {name} (no network, or a proxy in the way?). "
+            f"Check the connection, {local}"
+        ) from err
+
+
 def load_caption_splits(
     name: str, config: str | None = None, splits: Sequence[str] | None = None, image_column: str = IMAGE
 ) -> dict[str, Dataset]:
     """Some or all (the default) splits of a dataset given as a hub id, a local file or a local folder.
 
-    A single local file holds one split, named by ``splits`` (default: train). In a local table whose
-    ``image_column`` holds file paths, relative paths are resolved against the table's folder. Errors
-    name the problem: a path that does not exist, a split that is not there (listing the splits
-    found), or a split with no rows.
+    A single local file holds one split: it is returned under the one name in ``splits``, or as
+    WHOLE_FILE when no split is asked for (a file has no "test" or "train" of its own). In a local
+    table whose ``image_column`` holds file paths, relative paths are resolved against the table's
+    folder. Errors name the problem: a path that does not exist, a hub dataset that cannot be found or
+    reached, a split that is not there (listing the splits found), or a split with no rows.
     """
     path = Path(name).expanduser()
     if path.is_file():
@@ -250,7 +281,9 @@ def load_caption_splits(
             raise DatasetError(
                 f"{path} is not a parquet, JSONL or CSV file; give one of those, a folder, or a hub dataset id"
             )
-        loaded = _load_splits(name, splits, builder, data_files={(splits or ["train"])[0]: str(path)})
+        # datasets wants a split name of word characters; the file's rows go under the name asked for.
+        whole = _load_splits(name, None, builder, data_files={"train": str(path)}, split="train")
+        loaded = DatasetDict({(splits or [WHOLE_FILE])[0]: whole})
     elif path.is_dir():
         loaded = _load_splits(name, splits, str(path), config)
     elif _looks_like_path(name):
@@ -259,7 +292,7 @@ def load_caption_splits(
             "unsloth/Radiology_mini"
         )
     else:
-        loaded = _load_splits(name, splits, name, config)
+        loaded = _load_from_hub(name, config, splits)
     if not isinstance(loaded, DatasetDict):
         loaded = DatasetDict({(splits or ["train"])[0]: loaded})
     for split in splits or []:
@@ -328,6 +361,10 @@ def require_columns(dataset: Dataset, required: Mapping[str, str]) -> None:
 def _row_problem(image: Any, caption: Any, context: Any = None) -> str | None:
     if caption is None or not str(caption).strip():
         return "empty caption"
+    if control_token_in(str(caption)):
+        # The collator would end the answer at an <end_of_turn> and silently mask the rest; the
+        # other control tokens start turns or images that are not there, or plant <eos> mid-answer.
+        return "caption with chat control tokens"
     if context is not None and control_token_in(str(context)):
         return "context with chat control tokens"
     try:
@@ -389,9 +426,92 @@ def prepare_caption_dataset(
     dropped = Counter(p for p in problems if p)
     if dropped:
         dataset = dataset.select([i for i, p in enumerate(problems) if p is None])
-    dataset = dataset.add_column(LENGTH, [len(str(c)) for c in dataset[CAPTION]])
     prepared = PreparedDataset(dataset=dataset, dropped=dropped)
     logger.info("Dataset: %s", prepared.summary())
     if len(dataset) == 0:
-        raise DatasetError(f"no usable rows left ({prepared.summary()}); check the image and caption columns")
+        raise DatasetError(f"no usable rows left ({prepared.summary()}); {_how_to_fix(dropped)}")
+    prepared.dataset = dataset.add_column(LENGTH, [len(str(c)) for c in dataset[CAPTION]])
     return prepared
+
+
+# What to check when every row was dropped, by the reason most rows were dropped for.
+_FIXES = {
+    "empty caption": "check that --caption_column names the column holding the captions",
+    "file not found": "check --image_column and the image paths: relative paths are read from the table's folder",
+    "caption with chat control tokens": "remove Gemma control tokens such as <end_of_turn> from the captions",
+    "context with chat control tokens": "remove Gemma control tokens such as <end_of_turn> from the context column",
+}
+
+
+def _how_to_fix(dropped: Counter[str]) -> str:
+    hints = [_FIXES[reason] for reason, _ in dropped.most_common() if reason in _FIXES]
+    if any(reason not in _FIXES for reason in dropped) or not dropped:
+        hints.append(
+            "check that --image_column holds the images; python -m radiology.audit --dataset_name ... "
+            "lists every unreadable image"
+        )
+    return "; ".join(hints)
+
+
+# --------------------------------------------------------------------------- the dataset description
+
+
+@dataclass
+class DatasetArguments:
+    """Where a dataset is and which column holds what: the one description that train.py, radiology.evaluate and
+    radiology.audit parse (as --dataset_name, --image_column...) and pass on. A new kind of column is added here.
+
+    The split is each command's own choice, as their needs differ: train.py reads --dataset_train_split and a
+    held-out --eval_split, radiology.evaluate one --split, radiology.audit any number (--split a b).
+    """
+
+    dataset_name: str = field(
+        metadata={"help": "Hub dataset id, a local parquet/JSONL/CSV file, or a local folder (files or images)."}
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name, if any."})
+    image_column: str = field(default=IMAGE, metadata={"help": "Column holding images or image paths."})
+    caption_column: str = field(default=CAPTION, metadata={"help": "Column holding the reference caption."})
+    id_column: str = field(
+        default=IMAGE_ID, metadata={"help": "Column holding an image identifier, if any (else the row number)."}
+    )
+    context_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column holding optional clinical context (history or question, e.g. '58-year-old smoker, "
+            "cough for 3 weeks'); it goes into the prompt after the instruction. Rows without it keep the plain prompt."
+        },
+    )
+
+    @classmethod
+    def of(cls, arguments: Any) -> DatasetArguments:
+        """The dataset description held by a larger set of arguments (train.py's, which extend this class)."""
+        return cls(**{name: getattr(arguments, name) for name in cls.__dataclass_fields__})
+
+    def flags(self) -> list[str]:
+        """The command-line flags that give this description (defaults left out), for a command to rerun."""
+        flags = []
+        for name, spec in self.__dataclass_fields__.items():
+            value = getattr(self, name)
+            if value is not None and value != spec.default:
+                flags += [f"--{name}", str(value)]
+        return flags
+
+    def load_splits(self, splits: Sequence[str] | None = None) -> dict[str, Dataset]:
+        """Some or all splits, as read (see load_caption_splits)."""
+        return load_caption_splits(self.dataset_name, self.dataset_config, splits, self.image_column)
+
+    def load(self, split: str) -> Dataset:
+        """One split, as read."""
+        return self.load_splits([split])[split]
+
+    def prepare(self, raw: Dataset, max_samples: int | None = None, num_proc: int | None = None) -> PreparedDataset:
+        """A split read by ``load`` under the canonical columns, bad rows dropped and counted."""
+        return prepare_caption_dataset(
+            raw,
+            image_column=self.image_column,
+            caption_column=self.caption_column,
+            id_column=self.id_column,
+            context_column=self.context_column,
+            max_samples=max_samples,
+            num_proc=num_proc,
+        )

@@ -51,8 +51,8 @@ from pydicom.uid import (
     JPEGLSTransferSyntaxes,
 )
 
-from radiology.data import ImageDecodeError
 from radiology.gdcm_worker import GdcmWorkerError, decode_with_gdcm
+from radiology.images import ImageDecodeError
 
 __all__ = [
     "BURNED_IN_WARNING",

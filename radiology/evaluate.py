@@ -4,6 +4,11 @@
         --dataset_name unsloth/Radiology_mini --split test --output_dir runs/r1/eval
     python -m radiology.evaluate --model google/gemma-3-4b-pt --adapter runs/r1 --load_in_4bit \\
         --baseline google/gemma-3-4b-pt --dataset_name data/ --output_dir runs/r1/eval --max_samples 50
+    python -m radiology.evaluate --config eval.yaml --output_dir runs/r1/eval    # options from a YAML file
+
+The options are EvalArguments, the dataset description shared with train.py and radiology.audit
+(``radiology.data.DatasetArguments``) and radiology.generate's decoding flags. The split defaults to
+test; a dataset given as one file holds one split, scored whole and recorded as "whole file".
 
 Each model describes every image of the split (greedy and seeded by default, in left-padded
 batches); the captions are scored against the references (BLEU, ROUGE-L, CIDEr-D, length; see
@@ -20,7 +25,6 @@ model failed are left out of every model's scores, so that both are scored on th
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -35,17 +39,20 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
+from radiology.config import ProjectParser
 from radiology.data import (
     CAPTION,
     CONTEXT,
     DEFAULT_INSTRUCTION,
     IMAGE,
     IMAGE_ID,
+    WHOLE_FILE,
+    DatasetArguments,
     DatasetError,
     PreparedDataset,
     decode_image,
-    load_caption_dataset,
-    prepare_caption_dataset,
+    is_single_file,
+    refuse_control_tokens,
 )
 from radiology.generate import (
     GenerationSettings,
@@ -70,16 +77,17 @@ __all__ = [
     "BASELINE",
     "MODEL",
     "OUTPUT_FILES",
+    "EvalArguments",
     "EvalConfig",
     "EvalOutcome",
     "EvaluationError",
     "Prediction",
     "check_eval_output_dir",
-    "config_from_args",
     "display_name",
     "load_eval_dataset",
     "main",
     "make_parser",
+    "parse_config",
     "predict",
     "run_evaluation",
     "summary_lines",
@@ -100,42 +108,47 @@ class EvaluationError(RuntimeError):
 
 
 @dataclass
-class EvalConfig:
-    """Everything one evaluation run needs; the command line and train.py --evaluate both build one."""
+class EvalArguments:
+    """radiology.evaluate's own options (the dataset is DatasetArguments, decoding radiology.generate's flags)."""
 
-    model: str
-    output_dir: str
-    dataset_name: str
-    baseline: str | None = None
-    adapter: str | None = None
-    load_in_4bit: bool = False
-    processor_name_or_path: str | None = None
-    device: str | None = None
-    dataset_config: str | None = None
-    split: str = "test"
-    image_column: str = "image"
-    caption_column: str = "caption"
-    id_column: str = "image_id"
-    context_column: str | None = None
-    instruction: str = DEFAULT_INSTRUCTION
-    max_samples: int | None = None
-    batch_size: int = 8
-    settings: GenerationSettings = field(
-        default_factory=lambda: GenerationSettings(max_new_tokens=EVAL_MAX_NEW_TOKENS, seed=0)
+    model: str = field(metadata={"help": "Fine-tuned model: merged folder, hub id, or the base model for --adapter."})
+    output_dir: str = field(metadata={"help": "Folder for metrics.json, predictions.jsonl and report.html."})
+    adapter: str | None = field(default=None, metadata={"help": "LoRA adapter folder to apply to --model."})
+    baseline: str | None = field(
+        default=None, metadata={"help": "Model to compare against (e.g. the base model), folder or hub id."}
     )
-    seed: int = 0
-    resamples: int = 1000
-    confidence: float = 0.95
-    examples: int = 3
-    rank_metric: str = "rouge_l"
-    overwrite: bool = False
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load both models in 4-bit NF4."})
+    processor_name_or_path: str | None = field(
+        default=None, metadata={"help": "Processor (with chat template) for both models."}
+    )
+    device: str | None = field(default=None, metadata={"help": "cuda or cpu; none: cuda when present."})
+    split: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Held-out split to score; none: test, or for a dataset given as one file (which holds one "
+            f"split) the whole file, recorded as '{WHOLE_FILE}'."
+        },
+    )
+    max_samples: int | None = field(default=None, metadata={"help": "Score only the first N rows."})
+    batch_size: int = field(default=8, metadata={"help": "Images per generate call (left padded)."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an earlier evaluation there."})
+    bootstrap_resamples: int = field(default=1000, metadata={"help": "Bootstrap resamples for the intervals."})
+    confidence: float = field(default=0.95, metadata={"help": "Confidence level of the intervals."})
+    examples: int = field(default=3, metadata={"help": "Best, worst and random examples shown in the report."})
+    rank_metric: str = field(
+        default="rouge_l",
+        metadata={
+            "choices": PER_IMAGE_METRICS,
+            "help": "Per-image score that ranks the report's best and worst examples.",
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.max_samples is not None and self.max_samples < 1:
             raise ValueError("--max_samples must be at least 1 (or omitted for the whole split)")
         if self.batch_size < 1:
             raise ValueError("--batch_size must be at least 1")
-        if self.resamples < 1:
+        if self.bootstrap_resamples < 1:
             raise ValueError("--bootstrap_resamples must be at least 1")
         if not 0 < self.confidence < 1:
             raise ValueError("--confidence must be between 0 and 1 (e.g. 0.95)")
@@ -143,6 +156,34 @@ class EvalConfig:
             raise ValueError("--examples must be 0 or more")
         if self.rank_metric not in PER_IMAGE_METRICS:
             raise ValueError(f"--rank_metric must be one of {', '.join(PER_IMAGE_METRICS)}")
+
+
+@dataclass
+class EvalConfig:
+    """Everything one evaluation run needs: its options, the dataset, the decoding settings and the
+    instruction. The command line and train.py --evaluate both build one."""
+
+    args: EvalArguments
+    data: DatasetArguments
+    settings: GenerationSettings = field(
+        default_factory=lambda: GenerationSettings(max_new_tokens=EVAL_MAX_NEW_TOKENS, seed=0)
+    )
+    instruction: str = DEFAULT_INSTRUCTION
+
+    def __post_init__(self) -> None:
+        refuse_control_tokens(self.instruction, "--instruction")  # before minutes of loading, not after
+
+    @property
+    def split(self) -> str:
+        """The split scored: --split, else the whole of a single file, else test."""
+        if self.args.split is not None:
+            return self.args.split
+        return WHOLE_FILE if is_single_file(self.data.dataset_name) else "test"
+
+    @property
+    def seed(self) -> int:
+        """Seeds generation, the bootstrap and the report's random examples."""
+        return self.settings.seed if self.settings.seed is not None else 0
 
 
 @dataclass
@@ -184,20 +225,13 @@ def _check_local_model(name: str | None, flag: str) -> None:
 
 def load_eval_dataset(config: EvalConfig) -> PreparedDataset:
     """The split to evaluate, validated (unreadable or caption-less rows dropped and counted)."""
-    raw = load_caption_dataset(config.dataset_name, config.split, config.dataset_config, config.image_column)
+    raw = config.data.load(config.split)
     if len(raw) == 0:
         raise DatasetError(
-            f"split {config.split!r} of {config.dataset_name} is empty: there is nothing to evaluate; "
+            f"split {config.split!r} of {config.data.dataset_name} is empty: there is nothing to evaluate; "
             "choose another split with --split"
         )
-    return prepare_caption_dataset(
-        raw,
-        image_column=config.image_column,
-        caption_column=config.caption_column,
-        id_column=config.id_column,
-        context_column=config.context_column,
-        max_samples=config.max_samples,
-    )
+    return config.data.prepare(raw, max_samples=config.args.max_samples)
 
 
 # --------------------------------------------------------------------------- generation
@@ -275,9 +309,10 @@ def display_name(source: str, adapter: str | None = None) -> str:
 
 
 def _generate_all(config: EvalConfig, dataset: Dataset) -> tuple[dict[str, list[Prediction]], dict[str, dict]]:
-    sources = {MODEL: (config.model, config.adapter)}
-    if config.baseline:
-        sources[BASELINE] = (config.baseline, None)
+    args = config.args
+    sources = {MODEL: (args.model, args.adapter)}
+    if args.baseline:
+        sources[BASELINE] = (args.baseline, None)
     predictions: dict[str, list[Prediction]] = {}
     info: dict[str, dict[str, Any]] = {}
     for role, (name, adapter) in sources.items():
@@ -286,13 +321,13 @@ def _generate_all(config: EvalConfig, dataset: Dataset) -> tuple[dict[str, list[
         with load_for_generation(
             name,
             adapter=adapter,
-            load_in_4bit=config.load_in_4bit,
-            device=config.device,
-            processor_name_or_path=config.processor_name_or_path,
+            load_in_4bit=args.load_in_4bit,
+            device=args.device,
+            processor_name_or_path=args.processor_name_or_path,
         ) as loaded:
             started = time.perf_counter()
             predictions[role] = predict(
-                loaded, dataset, config.instruction, config.settings, config.batch_size, desc=f"Generating ({role})"
+                loaded, dataset, config.instruction, config.settings, args.batch_size, desc=f"Generating ({role})"
             )
             seconds = time.perf_counter() - started
             info[role] = {
@@ -328,30 +363,36 @@ def _metrics_document(
     scores: dict[str, SampleScores],
     info: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
-    indices = bootstrap_indices(len(scored), config.resamples, config.seed)
+    args = config.args
+    indices = bootstrap_indices(len(scored), args.bootstrap_resamples, config.seed)
     models = {}
     for role, role_scores in scores.items():
         models[role] = {
             **info[role],
             "mean_words": round(float(role_scores.words.mean()), 3),
             "metrics": {
-                metric: bootstrap_interval(metric, role_scores, indices, config.confidence).as_dict()
+                metric: bootstrap_interval(metric, role_scores, indices, args.confidence).as_dict()
                 for metric in METRICS
             },
         }
     difference = None
     if BASELINE in scores:
         difference = {
-            metric: paired_difference(metric, scores[MODEL], scores[BASELINE], indices, config.confidence).as_dict()
+            metric: paired_difference(metric, scores[MODEL], scores[BASELINE], indices, args.confidence).as_dict()
             for metric in METRICS
         }
     reference_words = scores[MODEL].reference_words
     return {
         "dataset": {
-            "name": config.dataset_name,
-            "config": config.dataset_config,
+            "name": config.data.dataset_name,
+            "config": config.data.dataset_config,
             "split": config.split,
-            "max_samples": config.max_samples,
+            "columns": {
+                name: value
+                for name, value in asdict(config.data).items()
+                if name not in ("dataset_name", "dataset_config")
+            },
+            "max_samples": args.max_samples,
             "rows": len(prepared.dataset),
             "dropped": dict(prepared.dropped),
             "scored": len(scored),
@@ -361,7 +402,7 @@ def _metrics_document(
             "instruction": config.instruction,
             "settings": asdict(config.settings),
             "described": config.settings.describe(),
-            "batch_size": config.batch_size,
+            "batch_size": args.batch_size,
             "seed": config.seed,
         },
         "models": models,
@@ -369,8 +410,8 @@ def _metrics_document(
         "bootstrap": {
             "method": "percentile",
             "unit": "image",
-            "resamples": config.resamples,
-            "confidence": config.confidence,
+            "resamples": args.bootstrap_resamples,
+            "confidence": args.confidence,
             "seed": config.seed,
         },
         "metric_info": {
@@ -430,14 +471,15 @@ def _example_thumbnails(dataset: Dataset, rows: list[int]) -> dict[int, str]:
 
 def run_evaluation(config: EvalConfig) -> EvalOutcome:
     """Generate with each model, score, and write metrics.json, predictions.jsonl and report.html."""
-    output_dir = Path(config.output_dir)
-    check_eval_output_dir(output_dir, config.overwrite)
-    _check_local_model(config.model, "--model")
-    _check_local_model(config.adapter, "--adapter")
-    _check_local_model(config.baseline, "--baseline")
+    args = config.args
+    output_dir = Path(args.output_dir)
+    check_eval_output_dir(output_dir, args.overwrite_output_dir)
+    _check_local_model(args.model, "--model")
+    _check_local_model(args.adapter, "--adapter")
+    _check_local_model(args.baseline, "--baseline")
     prepared = load_eval_dataset(config)
     dataset = prepared.dataset
-    logger.info("Evaluating on %s/%s: %s", config.dataset_name, config.split, prepared.summary())
+    logger.info("Evaluating on %s (split: %s): %s", config.data.dataset_name, config.split, prepared.summary())
 
     predictions, info = _generate_all(config, dataset)
     scored = [i for i in range(len(dataset)) if all(p[i].error is None for p in predictions.values())]
@@ -457,84 +499,38 @@ def run_evaluation(config: EvalConfig) -> EvalOutcome:
 
     metrics = _metrics_document(config, prepared, scored, scores, info)
     _write_json(output_dir / "metrics.json", metrics)
-    ranking = getattr(scores[MODEL], config.rank_metric)
+    ranking = getattr(scores[MODEL], args.rank_metric)
     if BASELINE in scores:
-        ranking = ranking - getattr(scores[BASELINE], config.rank_metric)
+        ranking = ranking - getattr(scores[BASELINE], args.rank_metric)
     groups = {
         name: [scored[i] for i in positions]
-        for name, positions in select_examples(ranking, config.examples, config.seed).items()
+        for name, positions in select_examples(ranking, args.examples, config.seed).items()
     }
     thumbnails = _example_thumbnails(dataset, sorted({i for group in groups.values() for i in group}))
-    write_report(output_dir / "report.html", metrics, rows, groups, thumbnails, config.rank_metric)
+    write_report(output_dir / "report.html", metrics, rows, groups, thumbnails, args.rank_metric)
     return EvalOutcome(output_dir=output_dir, metrics=metrics, predictions=rows)
 
 
 # --------------------------------------------------------------------------- command line
 
 
-def make_parser() -> argparse.ArgumentParser:
-    """The command line; its generation flags are radiology.generate's."""
-    parser = argparse.ArgumentParser(
+def make_parser() -> ProjectParser:
+    """The command line: EvalArguments, the shared DatasetArguments and radiology.generate's decoding flags."""
+    parser = ProjectParser(
+        [("evaluation: models, split, scoring and output", EvalArguments), ("dataset", DatasetArguments)],
         description="Score a fine-tuned Gemma 3 (and a baseline) on held-out radiology images.",
     )
-    models = parser.add_argument_group("models")
-    models.add_argument("--model", required=True, help="fine-tuned model: merged folder, hub id, or base for --adapter")
-    models.add_argument("--adapter", default=None, help="LoRA adapter folder to apply to --model")
-    models.add_argument("--baseline", default=None, help="model to compare against (e.g. the base model), folder or hub id")
-    models.add_argument("--load_in_4bit", action="store_true", help="load both models in 4-bit NF4")
-    models.add_argument("--processor_name_or_path", default=None, help="processor (chat template) for both models")
-    models.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset_name", required=True, help="hub id, local parquet/JSONL/CSV file, or folder")
-    data.add_argument("--dataset_config", default=None)
-    data.add_argument("--split", default="test", help="held-out split to score (default: test)")
-    data.add_argument("--max_samples", type=int, default=None, help="score only the first N rows")
-    data.add_argument("--image_column", default="image")
-    data.add_argument("--caption_column", default="caption")
-    data.add_argument("--id_column", default="image_id")
-    data.add_argument("--context_column", default=None, help="column of clinical context added to the prompt")
-    generation = parser.add_argument_group("generation (as radiology.generate; greedy unless --do_sample)")
+    generation = parser.add_argument_group(
+        "generation (as radiology.generate; greedy unless --do_sample or --temperature)"
+    )
     add_generation_arguments(generation, max_new_tokens=EVAL_MAX_NEW_TOKENS, seed=0)
-    generation.add_argument("--batch_size", type=int, default=8, help="images per generate call (left padded)")
-    output = parser.add_argument_group("scoring and output")
-    output.add_argument("--output_dir", required=True, help="folder for metrics.json, predictions.jsonl, report.html")
-    output.add_argument("--overwrite_output_dir", action="store_true", help="replace an earlier evaluation there")
-    output.add_argument("--bootstrap_resamples", type=int, default=1000)
-    output.add_argument("--confidence", type=float, default=0.95)
-    output.add_argument("--examples", type=int, default=3, help="best, worst and random examples in the report")
-    output.add_argument("--rank_metric", default="rouge_l", choices=PER_IMAGE_METRICS,
-                        help="per-image score that ranks the report's best and worst examples")
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> EvalConfig:
-    """An EvalConfig from parsed command-line flags."""
-    return EvalConfig(
-        model=args.model,
-        output_dir=args.output_dir,
-        dataset_name=args.dataset_name,
-        baseline=args.baseline,
-        adapter=args.adapter,
-        load_in_4bit=args.load_in_4bit,
-        processor_name_or_path=args.processor_name_or_path,
-        device=args.device,
-        dataset_config=args.dataset_config,
-        split=args.split,
-        image_column=args.image_column,
-        caption_column=args.caption_column,
-        id_column=args.id_column,
-        context_column=args.context_column,
-        instruction=args.instruction,
-        max_samples=args.max_samples,
-        batch_size=args.batch_size,
-        settings=settings_from_args(args),
-        seed=args.seed if args.seed is not None else 0,
-        resamples=args.bootstrap_resamples,
-        confidence=args.confidence,
-        examples=args.examples,
-        rank_metric=args.rank_metric,
-        overwrite=args.overwrite_output_dir,
-    )
+def parse_config(argv: list[str] | None = None) -> EvalConfig:
+    """An EvalConfig from the command line (and a YAML file given with --config)."""
+    args, data, generation = make_parser().parse_args_and_config(args=argv)
+    return EvalConfig(args=args, data=data, settings=settings_from_args(generation), instruction=generation.instruction)
 
 
 def summary_lines(metrics: dict[str, Any]) -> list[str]:
@@ -555,10 +551,8 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 with a message on bad input)."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    parser = make_parser()
-    args = parser.parse_args(argv)
     try:
-        outcome = run_evaluation(config_from_args(args))
+        outcome = run_evaluation(parse_config(argv))
     except (ValueError, OSError, EvaluationError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -23,7 +23,8 @@ from datasets import Dataset, Features, Image as ImageFeature, Value
 from PIL import Image
 from scipy import ndimage
 
-from radiology.data import CAPTION, IMAGE, DatasetError, ImageDecodeError, PreparedDataset, open_image, to_rgb
+from radiology.data import CAPTION, IMAGE, DatasetError, PreparedDataset, open_image
+from radiology.images import ImageDecodeError, to_rgb
 
 __all__ = [
     "DEFAULT_NEAR_DUPLICATE_DISTANCE",

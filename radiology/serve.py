@@ -43,7 +43,7 @@ import torch
 import transformers
 from PIL import Image, UnidentifiedImageError
 
-from radiology.data import DEFAULT_INSTRUCTION, ImageDecodeError, build_messages, control_token_in, decode_image
+from radiology.data import DEFAULT_INSTRUCTION, build_messages, control_token_in, decode_image
 from radiology.dicom import (
     FULL_RANGE,
     HEADER_WINDOW,
@@ -56,6 +56,7 @@ from radiology.dicom import (
     read_dicom_image,
 )
 from radiology.generate import LoadedModel, load_for_generation, warm_up
+from radiology.images import ImageDecodeError
 from radiology.memory import MemoryStatus, format_bytes, model_footprint, read_gpu_memory
 
 __all__ = [

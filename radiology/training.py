@@ -11,36 +11,33 @@ step under FSDP); then the main process alone merges and evaluates, while the ot
 from __future__ import annotations
 
 import gc
+import json
 import logging
+import re
 import shlex
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
 from datasets import Dataset
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import TrainerCallback
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from radiology.collate import CaptionCollator
 from radiology.config import RadiologyArguments
-from radiology.data import (
-    DatasetError,
-    PreparedDataset,
-    load_caption_dataset,
-    load_caption_splits,
-    prepare_caption_dataset,
-)
+from radiology.data import DatasetArguments, DatasetError, PreparedDataset, is_single_file
 from radiology.distributed import (
     check_fsdp_checkpointing,
     check_fsdp_model,
     check_single_process_gpus,
     world_size,
 )
-from radiology.evaluate import EvalConfig, EvaluationError, check_eval_output_dir, run_evaluation
+from radiology.evaluate import EvalArguments, EvalConfig, EvaluationError, check_eval_output_dir, run_evaluation
 from radiology.generate import GenerationSettings
 from radiology.memory import GpuMemoryCallback
 from radiology.merge import merge_adapter
@@ -48,10 +45,13 @@ from radiology.modeling import check_bf16_support, load_processor, load_training
 from radiology.quality import MeasuredImages, filter_training_rows, measure_images
 
 __all__ = [
+    "CheckpointError",
     "OutputFolderError",
     "TrainingOutcome",
     "build_trainer",
     "check_evaluation_setup",
+    "check_output_dir",
+    "checkpoint_problem",
     "check_saved_adapter",
     "evaluation_config",
     "load_eval_data",
@@ -63,10 +63,15 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _RESUME_LAST = {"true", "last", "latest", "yes", "1"}
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # the Trainer's checkpoint folder names
 
 
 class OutputFolderError(FileExistsError):
     """An output folder that already holds work the command would overwrite."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message names an older one that can."""
 
 
 @dataclass
@@ -79,36 +84,124 @@ class TrainingOutcome:
     eval_dir: Path | None = None
 
 
+def _model_files(folder: Path) -> list[str]:
+    """The files that make a folder a model (merged or full weights, or an adapter)."""
+    return sorted(
+        p.name for p in folder.iterdir()
+        if p.name in ("config.json", "adapter_config.json") or p.name.endswith(".safetensors")
+    )
+
+
+def _checkpoint_folders(folder: Path) -> list[Path]:
+    """The checkpoint-N folders in a run folder, newest (highest step) first."""
+    found = [p for p in folder.iterdir() if p.is_dir() and _CHECKPOINT.fullmatch(p.name)] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(_CHECKPOINT.fullmatch(p.name).group(1)), reverse=True)
+
+
 def check_output_dir(output_dir: str, resume: str | None, overwrite: bool) -> None:
-    """Never clobber an earlier run by accident: a folder that already holds checkpoints or an
-    adapter needs --resume_from_checkpoint or --overwrite_output_dir."""
+    """Never clobber earlier work by accident. A folder that holds a run's checkpoints, or a model (config.json,
+    *.safetensors, an adapter: a merged model, say), needs --overwrite_output_dir. --resume_from_checkpoint
+    continues a run in its own folder, the one holding its checkpoint-* folders, never in a model's folder."""
     folder = Path(output_dir)
-    if resume or overwrite or not folder.is_dir():
+    if overwrite or not folder.is_dir():
         return
-    existing = sorted(p.name for p in folder.iterdir() if p.name.startswith("checkpoint-"))
-    if (folder / "adapter_config.json").exists():
-        existing.append("adapter_config.json")
-    if existing:
+    checkpoints = [p.name for p in _checkpoint_folders(folder)]
+    if checkpoints and resume:
+        return  # continuing the run that lives here
+    if checkpoints:
         raise OutputFolderError(
-            f"{folder} already holds a training run ({', '.join(existing[:3])}). Continue it with "
+            f"{folder} already holds a training run ({', '.join(checkpoints[:3])}). Continue it with "
             "--resume_from_checkpoint last, pick another --output_dir, or pass --overwrite_output_dir."
+        )
+    models = _model_files(folder)
+    if models:
+        raise OutputFolderError(
+            f"{folder} already holds a model ({', '.join(models[:4])}), a merged model or an adapter: training there "
+            "would write a new adapter, checkpoints and merged/ into it, and loading the folder would then apply the "
+            "new adapter. Pick another --output_dir (a new folder such as runs/r2), or pass --overwrite_output_dir to "
+            "replace what is there."
+            + (" --resume_from_checkpoint continues a run only in its own folder, the one holding its checkpoint-* "
+               "folders." if resume else "")
         )
 
 
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """What makes a checkpoint folder unusable for resuming (a file missing, cut short or damaged), or None.
+    Reads headers and file ends only: cheap even for checkpoints of several GB."""
+    state = checkpoint / TRAINER_STATE_NAME
+    if not state.is_file():
+        return f"{TRAINER_STATE_NAME} is missing (the save was probably interrupted)"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return f"{TRAINER_STATE_NAME} is not readable JSON ({err})"
+    weights = sorted(checkpoint.glob("*.safetensors"))
+    # FSDP's sharded checkpoints keep the weights in pytorch_model_fsdp_N/ folders of .distcp files.
+    sharded = [p for p in checkpoint.glob("pytorch_model_fsdp*") if p.is_dir()]
+    if not weights and not sharded:
+        return "it holds no weights (no adapter_model.safetensors or model.safetensors)"
+    for path in weights:
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            return f"{path.name} is cut short or damaged ({err})"
+    # torch.save writes zip archives; a file cut short has lost the directory at its end.
+    for path in sorted([*checkpoint.glob("*.pt"), *checkpoint.glob("*.pth"), *checkpoint.glob("*.bin")]):
+        if not zipfile.is_zipfile(path):
+            return f"{path.name} is cut short or damaged (not a complete torch.save file)"
+    return None
+
+
+def _check_checkpoint(checkpoint: Path, flag_value: str) -> None:
+    """Stop, before any model loads, on a checkpoint that cannot be resumed from; name an older one that can."""
+    problem = checkpoint_problem(checkpoint)
+    if problem is None:
+        return
+    message = f"--resume_from_checkpoint {flag_value}: cannot resume from {checkpoint}: {problem}."
+    match = _CHECKPOINT.fullmatch(checkpoint.name)
+    older = [
+        p for p in _checkpoint_folders(checkpoint.parent)
+        if match and int(_CHECKPOINT.fullmatch(p.name).group(1)) < int(match.group(1))
+    ]
+    usable = next((p for p in older if checkpoint_problem(p) is None), None)
+    if usable is not None:
+        message += (
+            f" The newest usable checkpoint before it is {usable}: continue from it with "
+            f"--resume_from_checkpoint {usable} (the steps after it are trained again)."
+        )
+    else:
+        message += (
+            f" No older usable checkpoint is in {checkpoint.parent}: start again in a new --output_dir, or in this one "
+            "with --overwrite_output_dir."
+        )
+    raise CheckpointError(message)
+
+
 def resolve_resume(resume: str | None, output_dir: str) -> str | None:
-    """``last``/``true`` -> the newest checkpoint in output_dir; a path -> that path (checked)."""
+    """``last``/``true`` -> the newest checkpoint in output_dir; a path -> that path. Either is checked
+    (files present, none cut short) before any model loads."""
     if resume is None or str(resume).lower() in ("", "false", "none", "no", "0"):
         return None
     if str(resume).lower() in _RESUME_LAST:
-        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-        if last is None:
+        newest = _checkpoint_folders(Path(output_dir))
+        if not newest:
             raise FileNotFoundError(
                 f"--resume_from_checkpoint {resume}: no checkpoint-* folder in {output_dir} to resume from"
             )
-        return last
-    if not Path(resume).is_dir():
-        raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such checkpoint folder")
-    return str(resume)
+        checkpoint = newest[0]
+    else:
+        checkpoint = Path(resume)
+        if not checkpoint.is_dir():
+            raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such checkpoint folder")
+    _check_checkpoint(checkpoint, str(resume))
+    return str(checkpoint)
+
+
+def resumed_step(checkpoint: str) -> int:
+    """The optimizer step a checkpoint was saved at (its trainer_state.json's global_step)."""
+    state = json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+    return int(state.get("global_step", 0))
 
 
 def _prepare_split(
@@ -116,16 +209,7 @@ def _prepare_split(
 ) -> PreparedDataset:
     """One split of --dataset_name under the canonical columns, bad rows dropped. Call it inside
     main_process_first: one process validates and caches, the others reuse the cache."""
-    raw = load_caption_dataset(script_args.dataset_name, split, script_args.dataset_config, script_args.image_column)
-    return prepare_caption_dataset(
-        raw,
-        image_column=script_args.image_column,
-        caption_column=script_args.caption_column,
-        id_column=script_args.id_column,
-        context_column=script_args.context_column,
-        max_samples=max_samples,
-        num_proc=training_args.dataset_num_proc,
-    )
+    return script_args.prepare(script_args.load(split), max_samples, training_args.dataset_num_proc)
 
 
 def load_training_data(script_args: RadiologyArguments, training_args: SFTConfig) -> PreparedDataset:
@@ -157,6 +241,7 @@ def load_eval_data(script_args: RadiologyArguments, training_args: SFTConfig) ->
     rows repeated to even out the shares, so the figure is the one a single process would report."""
     if _eval_strategy(training_args) == "no":
         return None
+    _require_several_splits(script_args, f"--eval_strategy {_eval_strategy(training_args)}")
     with PartialState().main_process_first():
         prepared = _prepare_split(script_args, training_args, script_args.eval_split, script_args.eval_max_samples)
     # Only the loss is wanted: without this the trainer would keep every batch's logits (262k per token).
@@ -181,18 +266,22 @@ class SelectiveCheckpointing(TrainerCallback):
                 module.gradient_checkpointing = in_vision if self.scope == "vision" else not in_vision
 
 
+def _require_several_splits(script_args: RadiologyArguments, flag: str) -> None:
+    """A held-out split must not be the training rows themselves, which a single file would give."""
+    if is_single_file(script_args.dataset_name):
+        raise DatasetError(
+            f"{flag} needs a dataset with several splits; {script_args.dataset_name} is a single file: it holds "
+            "one split, the training rows. Give a folder with one file per split (train.parquet, test.parquet) or a "
+            "hub id."
+        )
+
+
 def _held_out_images(script_args: RadiologyArguments, num_proc: int | None) -> dict[str, MeasuredImages]:
     """Measured images of the splits named by --drop_images_in_split (every row of each)."""
     if not script_args.drop_images_in_split:
         return {}
-    if Path(script_args.dataset_name).expanduser().is_file():
-        raise DatasetError(
-            f"--drop_images_in_split needs a dataset with several splits; {script_args.dataset_name} is a single "
-            "file. Give a folder with one file per split (train.parquet, test.parquet) or a hub id."
-        )
-    splits = load_caption_splits(
-        script_args.dataset_name, script_args.dataset_config, script_args.drop_images_in_split, script_args.image_column
-    )
+    _require_several_splits(script_args, "--drop_images_in_split")
+    splits = script_args.load_splits(script_args.drop_images_in_split)
     return {name: measure_images(split, script_args.image_column, num_proc) for name, split in splits.items()}
 
 
@@ -227,7 +316,8 @@ def _eval_output_dir(script_args: RadiologyArguments, training_args: SFTConfig) 
 
 def check_evaluation_setup(script_args: RadiologyArguments, training_args: SFTConfig) -> None:
     """With --evaluate, fail before training (not hours later) on a missing or empty split or a used folder."""
-    split = load_caption_dataset(script_args.dataset_name, script_args.eval_split, script_args.dataset_config)
+    _require_several_splits(script_args, "--evaluate")
+    split = script_args.load(script_args.eval_split)
     if len(split) == 0:
         raise DatasetError(
             f"--eval_split {script_args.eval_split!r} of {script_args.dataset_name} is empty: there is nothing "
@@ -246,33 +336,33 @@ def evaluation_config(
     elif model_args.use_peft:
         model, adapter = model_args.model_name_or_path, str(outcome.adapter_dir)
     return EvalConfig(
-        model=model,
-        adapter=adapter,
-        baseline=script_args.eval_baseline or model_args.model_name_or_path,
-        output_dir=str(_eval_output_dir(script_args, training_args)),
-        processor_name_or_path=script_args.processor_name_or_path,
-        dataset_name=script_args.dataset_name,
-        dataset_config=script_args.dataset_config,
-        split=script_args.eval_split,
-        image_column=script_args.image_column,
-        caption_column=script_args.caption_column,
-        id_column=script_args.id_column,
-        instruction=script_args.instruction,
-        max_samples=script_args.eval_max_samples,
-        batch_size=script_args.eval_batch_size,
+        args=EvalArguments(
+            model=model,
+            adapter=adapter,
+            baseline=script_args.eval_baseline or model_args.model_name_or_path,
+            output_dir=str(_eval_output_dir(script_args, training_args)),
+            processor_name_or_path=script_args.processor_name_or_path,
+            split=script_args.eval_split,
+            max_samples=script_args.eval_max_samples,
+            batch_size=script_args.eval_batch_size,
+            overwrite_output_dir=script_args.overwrite_output_dir,
+        ),
+        data=DatasetArguments.of(script_args),  # the columns the model was trained with, context included
         settings=GenerationSettings(max_new_tokens=script_args.eval_max_new_tokens, seed=training_args.seed),
-        seed=training_args.seed,
-        overwrite=script_args.overwrite_output_dir,
+        instruction=script_args.instruction,
     )
 
 
 def _rerun_command(config: EvalConfig) -> str:
-    parts = ["python -m radiology.evaluate", "--model", config.model]
-    if config.adapter:
-        parts += ["--adapter", config.adapter]
-    if config.baseline:
-        parts += ["--baseline", config.baseline]
-    parts += ["--dataset_name", config.dataset_name, "--split", config.split, "--output_dir", config.output_dir]
+    args = config.args
+    parts = ["python -m radiology.evaluate", "--model", args.model]
+    if args.adapter:
+        parts += ["--adapter", args.adapter]
+    if args.baseline:
+        parts += ["--baseline", args.baseline]
+    if args.processor_name_or_path:
+        parts += ["--processor_name_or_path", args.processor_name_or_path]
+    parts += [*config.data.flags(), "--split", config.split, "--output_dir", args.output_dir]
     return " ".join(shlex.quote(p) if i else p for i, p in enumerate(parts))
 
 
@@ -332,6 +422,8 @@ def run_training(
     if world_size() > 1:
         logger.info("Training on %d processes (%s)", world_size(), PartialState().distributed_type.value)
     trainer = build_trainer(script_args, training_args, model_args, prepared, eval_dataset)
+    if resume is not None:
+        logger.info("Resuming from %s (saved at step %d)", resume, resumed_step(resume))
     result = trainer.train(resume_from_checkpoint=resume)
     save_adapter(trainer, training_args.output_dir)  # adapter + processor (with chat template)
     state = PartialState()

@@ -121,3 +121,13 @@ def baseline_server(tmp_path_factory):
     running = start_app(tmp_path_factory.mktemp("baseline-app-cache"), baseline=baseline)
     yield running
     running.close()
+
+
+@pytest.fixture
+def refuse_loading(monkeypatch):
+    """Make loading the data or the model a test failure: for checks that must stop train.py before either."""
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the data or the model was loaded before the check that should have stopped it")
+
+    monkeypatch.setattr("radiology.training.load_training_data", must_not_load)
+    monkeypatch.setattr("radiology.training.build_trainer", must_not_load)

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from radiology.collate import CaptionCollator  # noqa: E402
-from radiology.config import RECIPE_DEFAULTS  # noqa: E402
+from radiology.config import recipe_defaults  # noqa: E402
 from radiology.distributed import check_fsdp_model  # noqa: E402
 from radiology.modeling import load_processor, load_training_model, lora_config  # noqa: E402
 from radiology.training import check_saved_adapter  # noqa: E402
@@ -47,7 +47,7 @@ def _recipe(name: str) -> dict:
 
 
 def _model_args(model_dir: str) -> ModelConfig:
-    recipe = {**RECIPE_DEFAULTS, **_recipe("tiny-cpu.yaml")}
+    recipe = {**recipe_defaults(), **_recipe("tiny-cpu.yaml")}
     fields = {k: v for k, v in recipe.items() if k in ModelConfig.__dataclass_fields__}
     return ModelConfig(**{**fields, "model_name_or_path": model_dir})
 

@@ -96,6 +96,33 @@ def test_control_tokens_in_context_are_refused_or_dropped(image):
     assert prepared.dropped == {"context with chat control tokens": 1}
 
 
+@pytest.mark.parametrize("token", ["<end_of_turn>", "<start_of_turn>", "<start_of_image>", "<eos>"])
+def test_captions_holding_control_tokens_are_dropped_and_counted(image, token):
+    captions = [CAPTION, f"Effusion.{token}model\nmore text", "  "]
+    dataset = Dataset.from_list([{"image": encode(image), "caption": c} for c in captions])
+    prepared = prepare_caption_dataset(dataset.cast_column("image", ImageFeature()))
+    assert prepared.dataset["caption"] == [CAPTION]
+    assert prepared.dropped == {"caption with chat control tokens": 1, "empty caption": 1}
+    assert "1 caption with chat control tokens" in prepared.summary()
+
+
+def test_control_tokens_in_the_instruction_are_refused():
+    with pytest.raises(ValueError, match="instruction contains the chat control token <end_of_turn>.*remove it"):
+        build_messages("Describe.<end_of_turn>", caption=CAPTION)
+
+
+def test_train_refuses_an_instruction_with_control_tokens_before_loading(tmp_path, tiny_model_dir, capsys,
+                                                                         refuse_loading):
+    import train
+
+    code = train.main(["--config", "recipes/tiny-cpu.yaml", "--model_name_or_path", str(tiny_model_dir),
+                       "--dataset_name", str(tmp_path), "--output_dir", str(tmp_path / "out"),
+                       "--instruction", "Describe.<start_of_turn>model"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "--instruction contains the chat control token <start_of_turn>" in err
+
+
 def write_context_parquet(folder, image) -> str:
     rows = [
         {"image": encode(image), "caption": CAPTION, "image_id": f"r{i}", "history": history}

@@ -11,13 +11,12 @@ from PIL import Image
 
 from radiology.data import (
     DatasetError,
-    ImageDecodeError,
     build_messages,
     decode_image,
     load_caption_dataset,
     prepare_caption_dataset,
-    to_rgb,
 )
+from radiology.images import ImageDecodeError, to_rgb
 from tests.fixtures import encode, real_images, write_seed_parquet
 
 
@@ -167,3 +166,67 @@ def test_dropped_rows_are_counted_in_the_log(seed_data_dir, caplog):
     with caplog.at_level(logging.INFO, logger="radiology.data"):
         prepare_caption_dataset(load_caption_dataset(str(seed_data_dir), "train"))
     assert "dropped 2: 1 empty caption, 1 unreadable image" in caplog.text
+
+
+# ----------------------------------------------------------------------------- hardening
+
+
+def test_images_are_the_ground_floor_of_data_and_dicom():
+    """radiology.images imports neither radiology.data nor radiology.dicom; dicom does not import data."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, radiology.images; a = sorted(m for m in sys.modules if m.startswith('radiology.')); "
+             "import radiology.dicom; b = sorted(m for m in sys.modules if m.startswith('radiology.')); print(a, b)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    before, after = out.strip().split("] [")
+    assert "radiology.data" not in before and "radiology.dicom" not in before
+    assert "radiology.data" not in after, "radiology.dicom must not import radiology.data"
+
+
+def _write_path_table(folder, rows: list[tuple[str, str]]):
+    folder.mkdir(parents=True, exist_ok=True)
+    table = folder / "cases.csv"
+    table.write_text("image,caption\n" + "\n".join(f"{image},{caption}" for image, caption in rows) + "\n")
+    return table
+
+
+def test_a_missing_image_file_is_counted_as_file_not_found(tmp_path):
+    real_images()["mr_gray"].save(tmp_path / "here.png")
+    table = _write_path_table(tmp_path, [("here.png", "An MRI."), ("gone.png", "A CT."), ("/no/such/scan.png", "X.")])
+    prepared = prepare_caption_dataset(load_caption_dataset(str(table), "train"))
+    assert prepared.dropped == {"file not found": 2}
+    assert len(prepared.dataset) == 1
+
+
+@pytest.mark.parametrize("rows, cause, fix", [
+    ([("gone1.png", "An MRI."), ("gone2.png", "A CT.")], "dropped 2: 2 file not found", "--image_column"),
+    ([("a.png", ""), ("b.png", " ")], "dropped 2: 2 empty caption", "--caption_column"),
+])
+def test_a_dataset_without_a_usable_row_says_why_and_what_to_do(tmp_path, rows, cause, fix):
+    real_images()["mr_gray"].save(tmp_path / "a.png")
+    real_images()["mr_gray"].save(tmp_path / "b.png")
+    table = _write_path_table(tmp_path, rows)
+    with pytest.raises(DatasetError) as caught:
+        prepare_caption_dataset(load_caption_dataset(str(table), "train"))
+    message = str(caught.value)
+    assert "no usable rows" in message and cause in message and fix in message
+    assert "concatenate" not in message
+
+
+def test_an_unknown_hub_dataset_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DatasetError) as caught:
+        load_caption_dataset("someone/not-a-dataset", "train")
+    message = str(caught.value)
+    assert "someone/not-a-dataset" in message and "HF_HUB_OFFLINE" in message
+    assert "local folder" in message  # what to do instead
+
+
+def test_a_single_file_without_a_split_is_the_whole_file(tmp_path):
+    from radiology.data import WHOLE_FILE, load_caption_splits
+
+    real_images()["mr_gray"].save(tmp_path / "a.png")
+    table = _write_path_table(tmp_path, [("a.png", "An MRI.")])
+    assert list(load_caption_splits(str(table))) == [WHOLE_FILE] == ["whole file"]
+    assert list(load_caption_splits(str(table), splits=["test"])) == ["test"]  # named as asked

@@ -20,7 +20,7 @@ from pydicom.encaps import generate_frames, get_frame
 
 import radiology.dicom
 from radiology import gdcm_worker
-from radiology.data import ImageDecodeError, decode_image
+from radiology.data import decode_image
 from radiology.dicom import (
     BURNED_IN_WARNING,
     FULL_RANGE,
@@ -40,6 +40,7 @@ from radiology.dicom import (
     read_dicom_image,
 )
 from radiology.gdcm_worker import GdcmWorkerError, decode_with_gdcm
+from radiology.images import ImageDecodeError
 from tests.conftest import ROOT
 from tests.fixtures import SENTINEL, sentinel_hits, set_raw_value, write_sentinel_dicom
 

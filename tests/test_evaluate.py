@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 import radiology.evaluate as evaluate_module
-from radiology.evaluate import EvalConfig, EvaluationError, main, run_evaluation
+from radiology.data import DatasetArguments
+from radiology.evaluate import EvalArguments, EvalConfig, EvaluationError, main, parse_config, run_evaluation
 from radiology.generate import GenerationSettings
 from radiology.metrics import METRICS, corpus_bleu, rouge_l
 from radiology.report import render_report
@@ -37,8 +38,9 @@ def eval_dir(tmp_path_factory, trained_run, tiny_model_dir, seed_data_dir) -> Pa
 
 
 def _config(model: Path, data: Path, out: Path, **kwargs) -> EvalConfig:
-    return EvalConfig(model=str(model), dataset_name=str(data), output_dir=str(out), device="cpu",
-                      settings=GenerationSettings(max_new_tokens=6, seed=0), resamples=200, **kwargs)
+    args = EvalArguments(model=str(model), output_dir=str(out), device="cpu", bootstrap_resamples=200, **kwargs)
+    return EvalConfig(args=args, data=DatasetArguments(dataset_name=str(data)),
+                      settings=GenerationSettings(max_new_tokens=6, seed=0))
 
 
 # --------------------------------------------------------------------------- command line, end to end
@@ -211,3 +213,70 @@ def test_nothing_scored_is_an_error_that_keeps_the_errors(tmp_path, monkeypatch,
     rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert [row["model"]["error"] for row in rows] == ["RuntimeError: boom"] * 2
     assert not (tmp_path / "eval" / "metrics.json").exists()
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+EVERY_FLAG = [
+    "--model", "m", "--adapter", "a", "--baseline", "b", "--load_in_4bit", "--processor_name_or_path", "p",
+    "--device", "cpu", "--dataset_name", "d/x", "--dataset_config", "c", "--split", "validation",
+    "--max_samples", "5", "--image_column", "scan", "--caption_column", "findings", "--id_column", "study",
+    "--context_column", "history", "--instruction", "Describe.", "--max_new_tokens", "9", "--do_sample",
+    "--temperature", "0.5", "--top_p", "0.9", "--top_k", "7", "--seed", "3", "--batch_size", "2", "--output_dir", "o",
+    "--overwrite_output_dir", "--bootstrap_resamples", "50", "--confidence", "0.9", "--examples", "1",
+    "--rank_metric", "bleu",
+]
+
+
+def test_every_documented_flag_still_parses():
+    config = parse_config(EVERY_FLAG)
+    assert config.args == EvalArguments(
+        model="m", output_dir="o", adapter="a", baseline="b", load_in_4bit=True, processor_name_or_path="p",
+        device="cpu", split="validation", max_samples=5, batch_size=2, overwrite_output_dir=True,
+        bootstrap_resamples=50, confidence=0.9, examples=1, rank_metric="bleu",
+    )
+    assert config.data == DatasetArguments(dataset_name="d/x", dataset_config="c", image_column="scan",
+                                           caption_column="findings", id_column="study", context_column="history")
+    assert config.settings == GenerationSettings(max_new_tokens=9, do_sample=True, temperature=0.5, top_p=0.9,
+                                                 top_k=7, seed=3)
+    assert (config.instruction, config.split, config.seed) == ("Describe.", "validation", 3)
+
+
+def test_defaults_and_a_yaml_config(tmp_path):
+    config = parse_config(["--model", "m", "--dataset_name", "d/x", "--output_dir", "o"])
+    assert config.split == "test" and config.settings == GenerationSettings(max_new_tokens=128, seed=0)
+    assert config.args.batch_size == 8 and config.data.context_column is None
+    assert parse_config(["--model", "m", "--dataset_name", "d/x", "--output_dir", "o", "--temperature", "0.7"]) \
+        .settings.do_sample, "--temperature implies sampling"
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text("model: runs/r1/merged\ndataset_name: data/\ncontext_column: history\nmax_new_tokens: 32\n")
+    config = parse_config(["--config", str(recipe), "--output_dir", "o", "--max_new_tokens", "16"])
+    assert (config.args.model, config.data.context_column, config.settings.max_new_tokens) == \
+        ("runs/r1/merged", "history", 16)
+
+
+def test_a_single_file_is_scored_whole_and_labelled_so(tmp_path, tiny_model_dir, seed_data_dir):
+    """A file has no test split of its own: without --split it is scored whole, and says so."""
+    out = tmp_path / "eval"
+    assert main(["--model", str(tiny_model_dir), "--dataset_name", str(seed_data_dir / "test.parquet"),
+                 "--output_dir", str(out), "--max_samples", "2", "--max_new_tokens", "2", "--device", "cpu",
+                 "--bootstrap_resamples", "20", "--examples", "0"]) == 0
+    metrics, _, report = _read(out)
+    assert metrics["dataset"]["split"] == "whole file"
+    assert "split <b>whole file</b>" in report
+
+
+def test_an_instruction_with_control_tokens_is_refused_before_loading(tmp_path, seed_data_dir, capsys, monkeypatch):
+    monkeypatch.setattr(evaluate_module, "load_for_generation", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert main(["--model", "m", "--dataset_name", str(seed_data_dir), "--output_dir", str(tmp_path / "eval"),
+                 "--instruction", "Describe.<end_of_turn>"]) == 2
+    assert "--instruction contains the chat control token <end_of_turn>" in capsys.readouterr().err
+
+
+def test_an_unknown_hub_dataset_offline_is_a_clear_error(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["--model", str(tiny_model_dir), "--dataset_name", "someone/not-a-dataset",
+                 "--output_dir", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: dataset someone/not-a-dataset") and "HF_HUB_OFFLINE" in err

@@ -12,7 +12,8 @@ import weakref
 import pytest
 
 import radiology.evaluate as evaluate_module
-from radiology.evaluate import EvalConfig, run_evaluation
+from radiology.data import DatasetArguments
+from radiology.evaluate import EvalArguments, EvalConfig, run_evaluation
 from radiology.generate import GenerationSettings, generate_text, load_for_generation, stream_text
 from radiology.serve import load_for_demo
 from tests.fixtures import real_images
@@ -57,9 +58,9 @@ def test_evaluation_frees_each_model_before_loading_the_next(tiny_model_dir, see
         return loaded
 
     monkeypatch.setattr(evaluate_module, "load_for_generation", recording_load)
-    run_evaluation(EvalConfig(model=str(tiny_model_dir), baseline=str(tiny_model_dir), dataset_name=str(seed_data_dir),
-                              output_dir=str(tmp_path / "eval"), device="cpu", max_samples=2, resamples=20,
-                              settings=SETTINGS))
+    args = EvalArguments(model=str(tiny_model_dir), baseline=str(tiny_model_dir), output_dir=str(tmp_path / "eval"),
+                         device="cpu", max_samples=2, bootstrap_resamples=20)
+    run_evaluation(EvalConfig(args=args, data=DatasetArguments(dataset_name=str(seed_data_dir)), settings=SETTINGS))
     assert len(models) == 2 and all(_dead(ref) for ref in models)
 
 

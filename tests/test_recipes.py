@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from radiology.config import parse_args
 from radiology.data import DEFAULT_INSTRUCTION
@@ -68,3 +69,48 @@ def test_processor_of_a_local_folder_is_its_own(tmp_path):
     assert processor_id_for(str(tmp_path)) == str(tmp_path)
     assert processor_id_for("google/gemma-3-27b-it") == "google/gemma-3-27b-it"
     assert processor_id_for("google/gemma-3-12b-pt", "my/processor") == "my/processor"
+
+
+def test_the_defaults_are_the_default_recipe_value_by_value(tmp_path):
+    from radiology.config import DEFAULT_RECIPE
+
+    recipe = yaml.safe_load(DEFAULT_RECIPE.read_text())
+    parsed = parse_args(["--output_dir", str(tmp_path), *CPU])
+    for key, value in recipe.items():
+        holder = next(args for args in parsed if hasattr(args, key))
+        if key == "processor_name_or_path":  # follows --model_name_or_path when no recipe is given
+            assert holder.processor_name_or_path is None
+            continue
+        parsed_value = getattr(holder, key)
+        if value == ["all-linear"]:  # ModelConfig keeps PEFT's keyword as a string
+            value = "all-linear"
+        assert getattr(parsed_value, "value", parsed_value) == value, key
+
+
+def test_the_default_recipe_file_is_the_one_source_of_the_defaults(tmp_path, monkeypatch):
+    import radiology.config as config
+
+    changed = {**yaml.safe_load(config.DEFAULT_RECIPE.read_text()), "lora_r": 48, "learning_rate": 3.0e-5}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(changed))
+    monkeypatch.setattr(config, "DEFAULT_RECIPE", recipe)
+    _, training, model = parse_args(["--output_dir", str(tmp_path), *CPU])
+    assert model.lora_r == 48 and training.learning_rate == 3e-5
+
+
+def test_help_lists_config_and_the_project_options_before_trl(capsys):
+    import train
+
+    with pytest.raises(SystemExit) as exited:
+        train.main(["--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    ours = text.index("radiology-gemma:")
+    model_group, training_group = text.index("(TRL ModelConfig)"), text.index("(TRL SFTConfig")
+    assert ours < model_group < training_group
+    own = text[ours:model_group]
+    assert own.splitlines()[1].strip().startswith("--config YAML")
+    for flag in ("--dataset_name", "--context_column", "--instruction", "--evaluate", "--overwrite_output_dir"):
+        assert f"  {flag} " in own, flag
+    assert "--learning_rate" not in own and "--learning_rate" in text[training_group:]
+    assert "--lora_r" in text[model_group:training_group]

@@ -21,8 +21,8 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 import radiology.series
-from radiology.data import ImageDecodeError
 from radiology.dicom import MULTI_WINDOW, MULTI_WINDOW_RANGES, DicomOptionError, TruncatedDicomError, read_dicom_image
+from radiology.images import ImageDecodeError
 from radiology.series import (
     MixedSeriesError,
     MultipleSeriesError,

@@ -57,14 +57,43 @@ def test_evaluation_config_follows_the_run(tmp_path):
     script_args, training_args, model_args = _parse("--eval_max_new_tokens", "32", "--eval_split", "validation")
     merged = TrainingOutcome(adapter_dir=tmp_path, merged_dir=tmp_path / "merged", train_loss=1.0, global_step=4, rows=8)
     config = evaluation_config(script_args, training_args, model_args, merged)
-    assert (config.model, config.adapter, config.baseline) == (str(tmp_path / "merged"), None, "base-model")
+    args = config.args
+    assert (args.model, args.adapter, args.baseline) == (str(tmp_path / "merged"), None, "base-model")
     assert (config.split, config.settings.max_new_tokens, config.settings.do_sample) == ("validation", 32, False)
-    assert config.output_dir == "runs/r1/eval" and config.load_in_4bit is False
+    assert args.output_dir == "runs/r1/eval" and args.load_in_4bit is False
     # Without a merge, the adapter is applied to the base; another baseline can be named.
     script_args, training_args, model_args = _parse("--merge", "false", "--eval_baseline", "other-model")
     unmerged = TrainingOutcome(adapter_dir=tmp_path, merged_dir=None, train_loss=1.0, global_step=4, rows=8)
     config = evaluation_config(script_args, training_args, model_args, unmerged)
-    assert (config.model, config.adapter, config.baseline) == ("base-model", str(tmp_path), "other-model")
+    args = config.args
+    assert (args.model, args.adapter, args.baseline) == ("base-model", str(tmp_path), "other-model")
+
+
+def test_evaluation_reads_the_columns_the_model_was_trained_with(tmp_path):
+    """The clinical context (and every other column) reaches the evaluation: the model is scored on the
+    prompt it was trained on."""
+    from radiology.data import DatasetArguments
+    from radiology.training import TrainingOutcome, evaluation_config
+
+    script_args, training_args, model_args = _parse("--context_column", "history", "--image_column", "scan",
+                                                    "--caption_column", "findings", "--id_column", "study")
+    outcome = TrainingOutcome(adapter_dir=tmp_path, merged_dir=tmp_path / "merged", train_loss=1.0, global_step=4,
+                              rows=8)
+    config = evaluation_config(script_args, training_args, model_args, outcome)
+    assert config.data == DatasetArguments(dataset_name="unsloth/Radiology_mini", context_column="history",
+                                           image_column="scan", caption_column="findings", id_column="study")
+
+
+def test_train_evaluate_refuses_a_single_file_before_training(tmp_path, tiny_model_dir, seed_data_dir, capsys,
+                                                              refuse_loading):
+    """A file holds one split, the training rows: scoring them would say nothing about unseen images."""
+    import train
+
+    single = str(seed_data_dir / "train.parquet")
+    code = train.main(["--config", "recipes/tiny-cpu.yaml", "--model_name_or_path", str(tiny_model_dir),
+                       "--dataset_name", single, "--output_dir", str(tmp_path / "out"), "--evaluate"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--evaluate needs a dataset with several splits" in err and "single file" in err
 
 
 @pytest.mark.parametrize("flag", ["--eval_max_samples", "--eval_batch_size", "--eval_max_new_tokens"])

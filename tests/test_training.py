@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,7 +13,13 @@ import train
 from radiology.config import parse_args
 from radiology.generate import build_inputs
 from radiology.modeling import HardwareError, check_bf16_support
-from radiology.training import OutputFolderError, build_trainer, check_output_dir, load_training_data
+from radiology.training import (
+    OutputFolderError,
+    build_trainer,
+    check_output_dir,
+    checkpoint_problem,
+    load_training_data,
+)
 from tests.fixtures import real_images
 
 
@@ -142,3 +152,80 @@ def test_out_of_memory_is_a_clear_error_naming_the_fix(tiny_model_dir, seed_data
     assert "ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in err
     assert "--per_device_train_batch_size" in err and "--resume_from_checkpoint last" in err
     assert "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- output folders and resuming
+
+
+def _sha256s(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_model_folder_is_refused_as_output_and_left_untouched(trained_run, tiny_model_dir, seed_data_dir, tmp_path,
+                                                                capsys, refuse_loading):
+    merged = shutil.copytree(trained_run / "merged", tmp_path / "merged")
+    before = _sha256s(merged)
+    # Also with --resume_from_checkpoint: a run continues in its own folder, never in a merged model's.
+    for extra in ([], ["--resume_from_checkpoint", str(trained_run / "checkpoint-2")]):
+        assert train.main(tiny_args(tiny_model_dir, seed_data_dir, merged, *extra)) == 2
+        err = capsys.readouterr().err
+        assert f"{merged} already holds a model (config.json, " in err
+        assert "--output_dir" in err and "--overwrite_output_dir" in err and "Traceback" not in err
+    assert _sha256s(merged) == before
+
+
+def test_an_adapter_folder_is_refused_as_output(tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(OutputFolderError, match="already holds a model .*--overwrite_output_dir"):
+        check_output_dir(str(tmp_path), resume=None, overwrite=False)
+    check_output_dir(str(tmp_path), resume=None, overwrite=True)
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path) -> Path:
+    """The tiny run as an interrupted run leaves it (checkpoint-2 and checkpoint-4, no adapter or merged/ yet),
+    to damage."""
+    run = tmp_path / "run"
+    for checkpoint in ("checkpoint-2", "checkpoint-4"):
+        shutil.copytree(trained_run / checkpoint, run / checkpoint)
+    return run
+
+
+def _cut_short(path: Path) -> None:
+    with path.open("r+b") as handle:
+        handle.truncate(path.stat().st_size // 2)
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda c: _cut_short(c / "adapter_model.safetensors"), "adapter_model.safetensors is cut short or damaged"),
+    (lambda c: (c / "trainer_state.json").unlink(), "trainer_state.json is missing"),
+    (lambda c: _cut_short(c / "optimizer.pt"), "optimizer.pt is cut short or damaged"),
+])
+def test_a_damaged_last_checkpoint_names_the_problem_and_the_older_one(run_copy, tiny_model_dir, seed_data_dir, capsys,
+                                                                       refuse_loading, damage, problem):
+    damage(run_copy / "checkpoint-4")
+    assert train.main(tiny_args(tiny_model_dir, seed_data_dir, run_copy, "--resume_from_checkpoint", "last")) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"cannot resume from {run_copy / 'checkpoint-4'}: {problem}" in err
+    assert f"continue from it with --resume_from_checkpoint {run_copy / 'checkpoint-2'}" in err
+
+
+def test_no_usable_checkpoint_says_how_to_start_again(run_copy, tiny_model_dir, seed_data_dir, capsys, refuse_loading):
+    for checkpoint in ("checkpoint-2", "checkpoint-4"):
+        (run_copy / checkpoint / "trainer_state.json").unlink()
+    assert train.main(tiny_args(tiny_model_dir, seed_data_dir, run_copy, "--resume_from_checkpoint",
+                                str(run_copy / "checkpoint-4"))) == 2
+    err = capsys.readouterr().err
+    assert "No older usable checkpoint" in err and "--overwrite_output_dir" in err
+
+
+def test_resuming_from_the_older_checkpoint_works_and_says_where_it_continued(run_copy, tiny_model_dir, seed_data_dir,
+                                                                              capsys):
+    _cut_short(run_copy / "checkpoint-4" / "adapter_model.safetensors")
+    older = run_copy / "checkpoint-2"
+    assert train.main(tiny_args(tiny_model_dir, seed_data_dir, run_copy, "--resume_from_checkpoint", str(older))) == 0
+    assert f"Resuming from {older} (saved at step 2)" in capsys.readouterr().err
+    assert checkpoint_problem(run_copy / "checkpoint-4") is None  # saved again, whole
