@@ -41,7 +41,13 @@ from radiology.evaluate import EvalArguments, EvalConfig, EvaluationError, check
 from radiology.generate import GenerationSettings
 from radiology.memory import GpuMemoryCallback
 from radiology.merge import merge_adapter
-from radiology.modeling import check_bf16_support, load_processor, load_training_model, lora_config
+from radiology.modeling import (
+    check_bf16_support,
+    check_vision_language_model,
+    load_processor,
+    load_training_model,
+    lora_config,
+)
 from radiology.quality import MeasuredImages, filter_training_rows, measure_images
 
 __all__ = [
@@ -406,6 +412,8 @@ def run_training(
     check_fsdp_model(model_args)
     check_fsdp_checkpointing()
     check_bf16_support()
+    # A text-only checkpoint (no vision tower) is refused from its config, before any data or weights load.
+    check_vision_language_model(model_args.model_name_or_path, model_args.model_revision)
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     check_output_dir(training_args.output_dir, resume, script_args.overwrite_output_dir)
     merged_dir = Path(script_args.merged_output_dir or Path(training_args.output_dir) / "merged")
