@@ -69,9 +69,9 @@ def _wait_for(job, column: int, timeout: float = 120) -> None:
 
 @pytest.mark.parametrize("during", ["model", "baseline"])
 def test_stop_ends_the_request_for_both_models(baseline_server, monkeypatch, during):
-    # Without stop tokens, sampling with a seed, the random models write until Stop (or max_new_tokens).
+    # With stop tokens ignored (the engine's forced length), the random models write until Stop (or max_new_tokens).
     for loaded in baseline_server.served.models:
-        monkeypatch.setattr(loaded, "stop_token_ids", [])
+        monkeypatch.setattr(loaded.engine, "ignore_stop_tokens", True)
     client = baseline_server.client()
     job = client.submit(*generate_args(EXAMPLE, max_new_tokens=1000, mode="sampling", seed=3), api_name="/generate")
     _wait_for(job, 0 if during == "model" else 2)
