@@ -42,7 +42,11 @@ __all__ = [
     "DatasetArguments",
     "DatasetError",
     "PreparedDataset",
+    "CURRENT_LABEL",
+    "PRIOR_LABEL",
     "build_messages",
+    "user_content",
+    "user_text",
     "control_token_in",
     "decode_image",
     "is_single_file",
@@ -162,29 +166,76 @@ def refuse_control_tokens(text: str, what: str) -> None:
         )
 
 
+# Labels of a comparison prompt (see user_content): the prior study's image comes first.
+PRIOR_LABEL = "Prior study:"
+CURRENT_LABEL = "Current study:"
+
+
+def user_text(instruction: str, context: str | None = None) -> str:
+    """The user turn's text: the instruction, then the clinical context when there is one."""
+    refuse_control_tokens(instruction, "the instruction")
+    if context is None or not str(context).strip():
+        return instruction
+    context = str(context).strip()
+    refuse_control_tokens(context, "the clinical context")
+    return f"{instruction}\n\nClinical context: {context}"
+
+
+def user_content(instruction: str, context: str | None = None, images: int = 1, prior: bool = False
+                 ) -> list[dict[str, Any]]:
+    """The first user turn's items: ``images`` image places, then one text item.
+
+    With ``prior`` the first image is a prior study's, labelled, before the current study's images:
+    ``Prior study: <image> Current study: <image>... instruction``. Several images of one study (slices of a
+    series, two views) follow each other in order. One image without a prior is exactly the original prompt.
+    """
+    current = images - 1 if prior else images
+    if current < 1:
+        raise ValueError(
+            f"a prompt needs at least one image of the current study (got {images} image(s)"
+            + (", the first of them the prior study's)" if prior else ")")
+        )
+    items: list[dict[str, Any]] = []
+    if prior:
+        items += [{"type": "text", "text": PRIOR_LABEL}, {"type": "image"}, {"type": "text", "text": CURRENT_LABEL}]
+    items += [{"type": "image"} for _ in range(current)]
+    # One text item, not two: Gemma 3's chat template trims every item, which would glue a
+    # second item straight onto the instruction ("...this image.Clinical context: ...").
+    items.append({"type": "text", "text": user_text(instruction, context)})
+    return items
+
+
 def build_messages(
     instruction: str,
     caption: str | None = None,
     context: str | None = None,
+    images: int = 1,
+    prior: bool = False,
+    follow_ups: Sequence[tuple[str, str | None]] = (),
 ) -> list[dict[str, Any]]:
-    """Chat messages for one image: the user turn (image, instruction, optional clinical context)
-    and, for training, the assistant turn holding the caption.
+    """Chat messages: the user turn (image(s), instruction, optional clinical context; see user_content)
+    and, for training or a conversation, the assistant turn holding the caption; then each follow-up
+    question as a user turn with its answer, when it has one, as an assistant turn.
 
-    Training and inference both call this, so the model sees the same prompt in both. Without
-    context the user text is the instruction alone, exactly as before context existed.
+    Training and inference both call this, so the model sees the same prompt in both. A prompt for the
+    next answer ends with a user turn: no caption, or a last follow-up without an answer.
     """
-    refuse_control_tokens(instruction, "the instruction")
-    text = instruction
-    if context is not None and str(context).strip():
-        context = str(context).strip()
-        refuse_control_tokens(context, "the clinical context")
-        # One text item, not two: Gemma 3's chat template trims every item, which would glue a
-        # second item straight onto the instruction ("...this image.Clinical context: ...").
-        text = f"{instruction}\n\nClinical context: {context}"
-    user_content: list[dict[str, Any]] = [{"type": "image"}, {"type": "text", "text": text}]
-    messages: list[dict[str, Any]] = [{"role": "user", "content": user_content}]
-    if caption is not None:
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": caption}]})
+    messages: list[dict[str, Any]] = [{"role": "user", "content": user_content(instruction, context, images, prior)}]
+    if caption is None:
+        if follow_ups:
+            raise ValueError("follow-up questions come after the first answer: give it as the caption")
+        return messages
+    messages.append({"role": "assistant", "content": [{"type": "text", "text": caption}]})
+    for number, (question, answer) in enumerate(follow_ups, start=1):
+        if not str(question).strip():
+            raise ValueError(f"follow-up question {number} is empty")
+        refuse_control_tokens(str(question), f"follow-up question {number}")
+        messages.append({"role": "user", "content": [{"type": "text", "text": str(question).strip()}]})
+        if answer is None:
+            if number != len(follow_ups):
+                raise ValueError(f"follow-up question {number} has no answer, but later questions follow it")
+            break
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     return messages
 
 

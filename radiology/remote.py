@@ -120,31 +120,22 @@ def openai_messages(
     images: Image.Image | Sequence[Image.Image],
     instruction: str | None = None,
     context: str | None = None,
+    prior: bool = False,
 ) -> list[dict[str, Any]]:
     """The training prompt's user turn (``build_messages``) in the OpenAI chat format: each image
-    becomes an ``image_url`` item holding a PNG data URL, in order, where the prompt places images.
-
-    ``build_messages`` places one image item; several images take its place in order (a prompt
-    that already holds one item per image is followed item by item).
-    """
+    becomes an ``image_url`` item holding a PNG data URL, in the order the prompt places them
+    (with ``prior``, the first image is the prior study's)."""
     pictures = _as_image_list(images)
-    messages = build_messages(instruction or DEFAULT_INSTRUCTION, context=context)
+    messages = build_messages(instruction or DEFAULT_INSTRUCTION, context=context, images=len(pictures), prior=prior)
+    remaining = iter(pictures)
     converted = []
     for message in messages:
-        items = message["content"]
-        slots = sum(1 for item in items if item["type"] == "image")
-        if slots not in (0, 1, len(pictures)):
-            raise ValueError(f"the prompt has {slots} image places for {len(pictures)} images")
-        remaining = iter(pictures)
         content: list[dict[str, Any]] = []
-        for item in items:
+        for item in message["content"]:
             if item["type"] == "text":
                 content.append({"type": "text", "text": item["text"]})
-                continue
-            batch = list(remaining) if slots == 1 else [next(remaining)]
-            content.extend(
-                {"type": "image_url", "image_url": {"url": _clean_png_data_url(p)}} for p in batch
-            )
+            else:
+                content.append({"type": "image_url", "image_url": {"url": _clean_png_data_url(next(remaining))}})
         converted.append({"role": message["role"], "content": content})
     return converted
 

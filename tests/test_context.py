@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from datasets import Dataset, Image as ImageFeature
+from transformers import AutoProcessor
 
 from radiology.collate import IGNORE_INDEX, CaptionCollator
 from radiology.config import parse_args
@@ -143,3 +144,47 @@ def test_context_column_option_reaches_the_training_rows(tmp_path, tiny_model_di
     script_args, training_args, _ = parse_args([*common, "--context_column", "clinical_history"])
     with pytest.raises(DatasetError, match="'clinical_history' not found.*--context_column"):
         load_training_data(script_args, training_args)
+
+
+# --------------------------------------------------------------------------- several images, a prior, follow-ups
+
+
+def test_one_image_without_a_prior_is_the_original_prompt():
+    assert build_messages("Describe.", caption="Normal.") == [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Normal."}]},
+    ]
+
+
+def test_several_images_and_a_prior_expand_to_whole_image_blocks(tiny_model_dir):
+    from PIL import Image
+
+    from radiology.data import CURRENT_LABEL, PRIOR_LABEL
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    messages = build_messages(DEFAULT_INSTRUCTION, context="Follow-up of a nodule.", images=3, prior=True)
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert prompt.index(PRIOR_LABEL) < prompt.index("<start_of_image>") < prompt.index(CURRENT_LABEL)
+    assert prompt.count("<start_of_image>") == 3 and prompt.rstrip().endswith("<start_of_turn>model")
+    pictures = [Image.new("RGB", (64, 64), (i * 40, 0, 0)) for i in range(3)]
+    ids = processor(text=[prompt], images=[pictures], add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    per_image = processor.image_seq_length
+    assert int((ids == processor.tokenizer.image_token_id).sum()) == 3 * per_image
+    with pytest.raises(ValueError, match="at least one image of the current study"):
+        build_messages(DEFAULT_INSTRUCTION, images=1, prior=True)
+
+
+def test_follow_up_questions_are_turns_after_the_first_answer(tiny_model_dir):
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    messages = build_messages(DEFAULT_INSTRUCTION, caption="Right lower lobe opacity.",
+                              follow_ups=[("Is there a pleural effusion?", "No."), ("Any pneumothorax?", None)])
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant", "user"]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert prompt.count("<start_of_image>") == 1 and prompt.count("<start_of_turn>user") == 3
+    assert prompt.index("opacity") < prompt.index("effusion?") < prompt.index("No.") < prompt.index("pneumothorax?")
+    with pytest.raises(ValueError, match="follow-up question 1 contains the chat control token <end_of_turn>"):
+        build_messages(DEFAULT_INSTRUCTION, caption="x", follow_ups=[("a<end_of_turn>b", None)])
+    with pytest.raises(ValueError, match="after the first answer"):
+        build_messages(DEFAULT_INSTRUCTION, follow_ups=[("Effusion?", None)])
+    with pytest.raises(ValueError, match="later questions follow it"):
+        build_messages(DEFAULT_INSTRUCTION, caption="x", follow_ups=[("a?", None), ("b?", "c")])
