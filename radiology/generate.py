@@ -42,9 +42,11 @@ from radiology.tokens import never_generated, special_ids, stop_ids
 
 __all__ = [
     "GenerationSettings",
+    "ImageInput",
     "LoadedModel",
     "SideBySideTexts",
     "StopSignal",
+    "StudyImages",
     "add_generation_arguments",
     "build_batch_inputs",
     "build_inputs",
@@ -54,6 +56,7 @@ __all__ = [
     "settings_from_args",
     "stream_side_by_side",
     "stream_text",
+    "study_images",
     "warm_up",
 ]
 
@@ -248,28 +251,60 @@ def warm_up(loaded: LoadedModel, settings: GenerationSettings | None = None) -> 
     return time.perf_counter() - start
 
 
-def _prompt(processor: ProcessorMixin, instruction: str | None, context: str | None) -> str:
-    messages = build_messages(instruction or DEFAULT_INSTRUCTION, context=context)
+ImageInput = Image.Image | str | Path
+# One prompt's images: one image, or several of one study in order (slices of a series, two views).
+StudyImages = ImageInput | Sequence[ImageInput]
+
+
+def study_images(images: StudyImages) -> list[ImageInput]:
+    """One prompt's images as a list (a single image, path or string is one image)."""
+    if isinstance(images, (Image.Image, str, Path)):
+        return [images]
+    listed = list(images)
+    if not listed:
+        raise ValueError("no image: a prompt needs at least one")
+    return listed
+
+
+def _prompt(processor: ProcessorMixin, instruction: str | None, context: str | None, images: int = 1,
+            prior: bool = False) -> str:
+    messages = build_messages(instruction or DEFAULT_INSTRUCTION, context=context, images=images, prior=prior)
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def _decoded(image: ImageInput) -> Image.Image:
+    return decode_image(image if not isinstance(image, Path) else str(image))
 
 
 def build_batch_inputs(
     processor: ProcessorMixin,
-    images: Sequence[Image.Image | str | Path],
+    images: Sequence[StudyImages],
     instruction: str | None = None,
     contexts: Sequence[str | None] | None = None,
+    priors: Sequence[ImageInput | None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Tokenized prompts + pixel values for several images, padded on the left, one prompt per image."""
+    """Tokenized prompts + pixel values, one prompt per item of ``images`` (one image, or a study's
+    several), padded on the left. ``priors``: a prior study's image per prompt (or None), placed first
+    and labelled as the prior in the prompt."""
     if contexts is None:
         contexts = [None] * len(images)
-    if len(contexts) != len(images):
-        raise ValueError(f"{len(contexts)} contexts for {len(images)} images: give one per image (or none)")
-    pictures = [decode_image(image if not isinstance(image, Path) else str(image)) for image in images]
-    prompts = [_prompt(processor, instruction, context) for context in contexts]
+    if priors is None:
+        priors = [None] * len(images)
+    if len(contexts) != len(images) or len(priors) != len(images):
+        raise ValueError(f"{len(contexts)} contexts and {len(priors)} priors for {len(images)} prompts: "
+                         "give one of each per prompt (or none)")
+    pictures = [
+        ([_decoded(prior)] if prior is not None else []) + [_decoded(image) for image in study_images(row)]
+        for row, prior in zip(images, priors)
+    ]
+    prompts = [
+        _prompt(processor, instruction, context, len(row), prior is not None)
+        for row, context, prior in zip(pictures, contexts, priors)
+    ]
     # Left padding: generation appends after the last column, so every prompt must end there.
     return processor(
         text=prompts,
-        images=[[picture] for picture in pictures],
+        images=pictures,
         return_tensors="pt",
         add_special_tokens=False,
         padding=True,
@@ -279,12 +314,14 @@ def build_batch_inputs(
 
 def build_inputs(
     processor: ProcessorMixin,
-    image: Image.Image | str | Path,
+    image: StudyImages,
     instruction: str | None = None,
     context: str | None = None,
+    prior: ImageInput | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Tokenized prompt + pixel values for one image, exactly as the training collator builds prompts."""
-    return build_batch_inputs(processor, [image], instruction, [context])
+    """Tokenized prompt + pixel values for one image (or one study's several, and a prior), exactly as
+    the training collator builds prompts."""
+    return build_batch_inputs(processor, [image], instruction, [context], [prior])
 
 
 class StopSignal(StoppingCriteria):
@@ -328,32 +365,37 @@ def _seed(settings: GenerationSettings) -> None:
 
 def generate_batch(
     loaded: LoadedModel,
-    images: Sequence[Image.Image | str | Path],
+    images: Sequence[StudyImages],
     instruction: str | None = None,
     settings: GenerationSettings | None = None,
     contexts: Sequence[str | None] | None = None,
     stop: threading.Event | None = None,
+    priors: Sequence[ImageInput | None] | None = None,
 ) -> list[str]:
-    """The model's descriptions of several images in one batch, in order.
+    """The model's descriptions for several prompts in one batch, in order: one per item of ``images``
+    (one image, or a study's several; with ``priors``, each prompt's prior study image or None).
 
-    Greedy answers equal those of one image at a time; sampled ones depend on the batch's make-up.
+    Greedy answers equal those of one prompt at a time; sampled ones depend on the batch's make-up.
     """
     if not images:
         return []
     _require_open(loaded)
     settings = settings or GenerationSettings()
     if contexts is not None and len(contexts) != len(images):
-        raise ValueError(f"{len(contexts)} contexts for {len(images)} images: give one per image (or none)")
+        raise ValueError(f"{len(contexts)} contexts for {len(images)} prompts: give one per prompt (or none)")
+    if priors is not None and len(priors) != len(images):
+        raise ValueError(f"{len(priors)} priors for {len(images)} prompts: give one per prompt (or none)")
     if loaded.engine is not None:
         contexts = list(contexts) if contexts is not None else [None] * len(images)
-        prompts = [build_inputs(loaded.processor, image, instruction, context)
-                   for image, context in zip(images, contexts)]
+        listed_priors = list(priors) if priors is not None else [None] * len(images)
+        prompts = [build_inputs(loaded.processor, image, instruction, context, prior)
+                   for image, context, prior in zip(images, contexts, listed_priors)]
         # Prompts whose answers could pass the engine's cache go to plain generate, which handles the
         # sliding window: an answer is never cut short.
         if all(loaded.engine.fits(p["input_ids"].shape[1], settings.max_new_tokens) for p in prompts):
             ids = loaded.engine.generate_many(prompts, settings, stop)
             return [loaded.processor.decode(row, skip_special_tokens=True).strip() for row in ids]
-    inputs = build_batch_inputs(loaded.processor, images, instruction, contexts)
+    inputs = build_batch_inputs(loaded.processor, images, instruction, contexts, priors)
     prompt_length = inputs["input_ids"].shape[1]  # (B, T): all prompts end at column T (left padding)
     _seed(settings)
     with torch.inference_mode():
@@ -366,30 +408,32 @@ def generate_batch(
 
 def generate_text(
     loaded: LoadedModel,
-    image: Image.Image | str | Path,
+    image: StudyImages,
     instruction: str | None = None,
     settings: GenerationSettings | None = None,
     context: str | None = None,
     stop: threading.Event | None = None,
+    prior: ImageInput | None = None,
 ) -> str:
-    """The model's description of one image."""
-    return generate_batch(loaded, [image], instruction, settings, [context], stop)[0]
+    """The model's description of one image (or one study's several, with an optional prior)."""
+    return generate_batch(loaded, [image], instruction, settings, [context], stop, [prior])[0]
 
 
 def stream_text(
     loaded: LoadedModel,
-    image: Image.Image | str | Path,
+    image: StudyImages,
     instruction: str | None = None,
     settings: GenerationSettings | None = None,
     context: str | None = None,
     stop: threading.Event | None = None,
+    prior: ImageInput | None = None,
 ) -> Iterator[str]:
     """Yields the description as it grows (each item is the text so far). Setting ``stop`` ends
     generation at the next token; closing the iterator early sets it too."""
     _require_open(loaded)
     settings = settings or GenerationSettings()
     stop = stop or threading.Event()
-    inputs = build_inputs(loaded.processor, image, instruction, context)
+    inputs = build_inputs(loaded.processor, image, instruction, context, prior)
     if loaded.engine is not None and loaded.engine.fits(inputs["input_ids"].shape[1], settings.max_new_tokens):
         yield from loaded.engine.stream(inputs, settings, stop)
         return
@@ -435,11 +479,12 @@ class SideBySideTexts(list):
 
 def stream_side_by_side(
     models: Sequence[LoadedModel],
-    image: Image.Image | str | Path,
+    image: StudyImages,
     instruction: str | None = None,
     settings: GenerationSettings | None = None,
     context: str | None = None,
     stop: threading.Event | None = None,
+    prior: ImageInput | None = None,
 ) -> Iterator[SideBySideTexts]:
     """Streams several models' answers to one image with the same prompt and settings.
 
@@ -467,7 +512,7 @@ def stream_side_by_side(
         # stream_text sets its event when it finishes, so each model gets its own; ours is relayed.
         own = threading.Event()
         # closing(): a caller that stops listening ends the running generation, not only this loop.
-        with closing(stream_text(loaded, image, instruction, settings, context, own)) as stream:
+        with closing(stream_text(loaded, image, instruction, settings, context, own, prior)) as stream:
             for text in stream:
                 texts[i], seconds[i] = text, time.perf_counter() - started
                 yield item()

@@ -61,7 +61,7 @@ def test_batched_greedy_equals_one_at_a_time(tiny, images):
 
 def test_batch_input_errors(tiny, images):
     assert generate_batch(tiny, []) == []
-    with pytest.raises(ValueError, match="2 contexts for 3 images"):
+    with pytest.raises(ValueError, match="2 contexts for 3 prompts"):
         generate_batch(tiny, images[:3], contexts=["a", "b"])
 
 
@@ -97,3 +97,37 @@ def test_generation_flags_build_settings():
     assert (greedy.max_new_tokens, greedy.do_sample, greedy.seed) == (128, False, 0)
     sampled = settings_from_args(parser.parse_args(["--temperature", "0.7", "--seed", "3"]))
     assert (sampled.do_sample, sampled.temperature, sampled.seed) == (True, 0.7, 3)
+
+
+# --------------------------------------------------------------------------- several images and a prior
+
+
+@pytest.fixture(scope="module")
+def plain_tiny(tiny_model_dir):
+    return load_for_generation(str(tiny_model_dir), device="cpu", fast=False)
+
+
+def test_a_study_of_several_images_and_a_prior_answers_as_plain_generate_does(tiny, plain_tiny):
+    pictures = list(real_images().values())
+    study, prior = pictures[:4], pictures[4]
+    inputs = build_batch_inputs(tiny.processor, [study], priors=[prior])
+    image_token = tiny.processor.tokenizer.image_token_id
+    assert int((inputs["input_ids"] == image_token).sum()) == 5 * tiny.processor.image_seq_length
+    assert inputs["pixel_values"].shape[0] == 5
+    settings = GenerationSettings(max_new_tokens=24)
+    engine = generate_text(tiny, study, settings=settings, context="fever", prior=prior)
+    plain = generate_text(plain_tiny, study, settings=settings, context="fever", prior=prior)
+    assert engine == plain
+    # The prior is part of the prompt: leaving it out, or putting it among the study, changes the prompt.
+    without = build_batch_inputs(tiny.processor, [study])["input_ids"]
+    assert without.shape[1] < inputs["input_ids"].shape[1]
+
+
+def test_a_batch_mixes_single_images_and_studies_in_order(tiny):
+    pictures = list(real_images().values())
+    rows = [pictures[0], pictures[1:3], pictures[3]]
+    batched = generate_batch(tiny, rows, settings=SETTINGS)
+    one_by_one = [generate_text(tiny, row, settings=SETTINGS) for row in rows]
+    assert batched == one_by_one
+    with pytest.raises(ValueError, match="at least one"):
+        generate_batch(tiny, [[]], settings=SETTINGS)
