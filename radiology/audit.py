@@ -5,9 +5,12 @@
 
 Per split: rows, unreadable images, empty or short captions, image sizes, aspect ratios and colour
 modes, sharpness (variance of the Laplacian) with the blurriest images shown, near-duplicate images
-(perceptual hash) and duplicate captions. Across splits: images found in more than one split
-(train/test leakage); every split is audited unless --split names some. The measures live in
-``radiology.quality``; train.py applies them as filters (--min_sharpness, --drop_duplicates...).
+(perceptual hash) and duplicate captions; for rows of several images (--image_column front lateral,
+--images_column, DICOM series, --prior_image_column), images per row and series sizes, every image
+of a row read as training reads it (``radiology.data.row_images``) and checked. Across splits:
+images found in more than one split (train/test leakage); every split is audited unless --split
+names some. The measures live in ``radiology.quality``; train.py applies them as filters
+(--min_sharpness, --drop_duplicates...).
 
 The report is one self-contained page with thumbnails of flagged images: keep it where the dataset
 itself may be kept. audit.json holds ids, numbers and reasons, never image content or captions.
@@ -27,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from datasets import Dataset, Image as ImageFeature
+from datasets import Dataset
 
 from radiology.config import ProjectParser
 from radiology.data import (
@@ -36,8 +39,9 @@ from radiology.data import (
     IMAGE_ID,
     DatasetArguments,
     DatasetError,
-    decode_image,
-    require_columns,
+    ImageOptions,
+    canonical_columns,
+    row_images,
 )
 from radiology.images import ImageDecodeError
 from radiology.quality import (
@@ -46,9 +50,11 @@ from radiology.quality import (
     DUPLICATE_CAPTION,
     DUPLICATE_IMAGE,
     EMPTY_CAPTION,
+    FILE_NOT_FOUND,
     SHARED,
     SHORT_CAPTION,
     SMALL,
+    TOO_MANY_IMAGES,
     UNREADABLE,
     MeasuredImages,
     QualityThresholds,
@@ -82,7 +88,10 @@ MAX_SHOWN = 60  # items per report section; audit.json lists them all
 
 @dataclass
 class RowAudit:
-    """One row's measures and what is wrong with it (empty ``reasons``: nothing)."""
+    """One row's measures and what is wrong with it (empty ``reasons``: nothing). For a row of several images,
+    ``width`` and ``height`` are those of its smallest image (by shorter side), ``sharpness`` its lowest and
+    ``mode`` its first image's; ``images`` counts the current study's images (a series' sampled slices),
+    ``prior`` says whether a prior study's image comes first, ``series_slices`` gives each series' size."""
 
     split: str
     row: int
@@ -95,6 +104,9 @@ class RowAudit:
     reasons: list[str] = field(default_factory=list)
     related: list[str] = field(default_factory=list)  # "same image as test/ROCO_12", ...
     error: str | None = None
+    images: int = 1
+    prior: bool = False
+    series_slices: list[int] = field(default_factory=list)
 
     def flag(self, reason: str, related: str | None = None) -> None:
         """Add a reason (once) and what it relates to."""
@@ -109,8 +121,8 @@ class SplitAudit:
     """One split: its rows, the groups of duplicates found in it, and its blurriest images."""
 
     name: str
-    dataset: Dataset  # images left undecoded; read again only for thumbnails
-    image_column: str
+    dataset: Dataset  # canonical columns, images left undecoded; read again only for thumbnails
+    options: ImageOptions
     captions: list[Any]
     measured: MeasuredImages
     rows: list[RowAudit]
@@ -212,45 +224,70 @@ def _quantiles(values: Sequence[float]) -> dict[str, float] | None:
     return {name: round(float(v), 3) for name, v in zip(("min", "p10", "median", "p90", "max"), q)}
 
 
+def _image_values(split: SplitAudit) -> dict[str, list[Any]]:
+    """Every measured image of the split (all images of every readable row): the distributions' data."""
+    m = split.measured
+    entries = m.readable_entries()
+    return {
+        "shorter_side": [min(m.width[k], m.height[k]) for k in entries],
+        "aspect_ratio": [m.width[k] / m.height[k] for k in entries],
+        "sharpness": [m.sharpness[k] for k in entries],
+        "mode": [m.mode[k] for k in entries],
+    }
+
+
+def _several_images(split: SplitAudit) -> bool:
+    """Whether any row has more than one image or a series: only then are per-row counts worth showing."""
+    return any(row.images > 1 or row.prior or row.series_slices for row in split.rows)
+
+
 def _split_summary(split: SplitAudit) -> dict[str, Any]:
     readable = [row for row in split.rows if row.error is None]
+    values = _image_values(split)
+    slices = [n for row in split.rows for n in row.series_slices]
     return {
         "rows": len(split.rows),
         "flagged_rows": sum(bool(row.reasons) for row in split.rows),
         "problems": dict(sorted(split.problem_counts().items())),
-        "shorter_side": _quantiles([min(r.width, r.height) for r in readable]),
-        "aspect_ratio": _quantiles([r.width / r.height for r in readable]),
-        "sharpness": _quantiles([r.sharpness for r in readable]),
+        "images": len(values["mode"]),
+        "images_per_row": {str(n): c for n, c in sorted(Counter(r.images for r in readable).items())},
+        "rows_with_prior": sum(row.prior for row in readable),
+        "series": {"count": len(slices), "slices": _quantiles(slices)},
+        "shorter_side": _quantiles(values["shorter_side"]),
+        "aspect_ratio": _quantiles(values["aspect_ratio"]),
+        "sharpness": _quantiles(values["sharpness"]),
         "caption_words": _quantiles([r.caption_words for r in split.rows]),
-        "modes": dict(Counter(r.mode for r in readable).most_common()),
+        "modes": dict(Counter(values["mode"]).most_common()),
     }
+
+
+def _row_audit(name: str, i: int, image_id: str, caption: Any, measured: MeasuredImages,
+               thresholds: QualityThresholds) -> RowAudit:
+    entries = measured.entries(i)
+    error = measured.row_error(i)
+    smallest = min(entries, key=lambda k: min(measured.width[k], measured.height[k])) if error is None else entries[0]
+    return RowAudit(
+        split=name, row=i, image_id=image_id, width=measured.width[smallest], height=measured.height[smallest],
+        mode=measured.mode[entries[0]],
+        sharpness=min(measured.sharpness[k] for k in entries) if error is None else None,
+        caption_words=caption_words(caption), error=error, reasons=row_reasons(measured, i, caption, thresholds),
+        images=measured.images_in_row(i), prior=measured.has_prior(i), series_slices=list(measured.series_slices[i]),
+    )
 
 
 def _audit_split(
     name: str,
     dataset: Dataset,
-    image_column: str,
-    caption_column: str,
-    id_column: str | None,
     thresholds: QualityThresholds,
     blurriest: int,
     num_proc: int | None,
+    options: ImageOptions,
 ) -> SplitAudit:
-    require_columns(dataset, {"image_column": image_column, "caption_column": caption_column})
-    if isinstance(dataset.features[image_column], ImageFeature):
-        dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
-    measured = measure_images(dataset, image_column, num_proc)
-    captions = dataset[caption_column]
-    ids = [str(v) for v in dataset[id_column]] if id_column and id_column in dataset.column_names else None
-    rows = [
-        RowAudit(
-            split=name, row=i, image_id=ids[i] if ids else str(i), width=measured.width[i],
-            height=measured.height[i], mode=measured.mode[i], sharpness=measured.sharpness[i],
-            caption_words=caption_words(captions[i]), error=measured.error[i],
-            reasons=row_reasons(measured, i, captions[i], thresholds),
-        )
-        for i in range(len(dataset))
-    ]
+    """Audit one split under the canonical columns (radiology.data.canonical_columns)."""
+    measured = measure_images(dataset, options, num_proc)
+    captions = dataset[CAPTION]
+    ids = [str(v) for v in dataset[IMAGE_ID]]
+    rows = [_row_audit(name, i, ids[i], captions[i], measured, thresholds) for i in range(len(dataset))]
     images = duplicate_groups(measured, range(len(dataset)), thresholds.near_duplicate_distance)
     for group in images:
         for r in group[1:]:
@@ -261,26 +298,37 @@ def _audit_split(
             rows[r].flag(DUPLICATE_CAPTION, f"same caption as {name}/{rows[group[0]].image_id}")
     readable = measured.readable()
     return SplitAudit(
-        name=name, dataset=dataset, image_column=image_column, captions=captions, measured=measured, rows=rows,
+        name=name, dataset=dataset, options=options, captions=captions, measured=measured, rows=rows,
         duplicate_images=images, duplicate_captions=texts,
-        blurriest=sorted(readable, key=lambda r: measured.sharpness[r])[:blurriest],
+        blurriest=sorted(readable, key=lambda r: rows[r].sharpness)[:blurriest],
     )
 
 
 def audit_splits(
     splits: Mapping[str, Dataset],
-    image_column: str = IMAGE,
+    image_column: str | Sequence[str] = IMAGE,
     caption_column: str = CAPTION,
     id_column: str | None = IMAGE_ID,
     thresholds: QualityThresholds | None = None,
     blurriest: int = 12,
     num_proc: int | None = None,
     dataset_name: str = "",
+    images_column: str | None = None,
+    prior_image_column: str | None = None,
+    options: ImageOptions | None = None,
+    context_column: str | None = None,
 ) -> AuditResult:
-    """Audit each split, then look for images shared between splits."""
+    """Audit each split (its columns named as for train.py; ``options``: --max_images and --series_window),
+    then look for images shared between splits."""
     thresholds = thresholds or QualityThresholds(min_caption_words=DEFAULT_MIN_CAPTION_WORDS)
+    options = options or ImageOptions()
     audited = {
-        name: _audit_split(name, ds, image_column, caption_column, id_column, thresholds, blurriest, num_proc)
+        name: _audit_split(
+            name,
+            canonical_columns(ds, image_column, caption_column, id_column, context_column, images_column,
+                              prior_image_column),
+            thresholds, blurriest, num_proc, options,
+        )
         for name, ds in splits.items()
     }
     names = list(audited)
@@ -366,31 +414,55 @@ def svg_histogram(values: Sequence[float], title: str, log: bool = False, intege
 
 
 class _Thumbnails:
-    """Base64 JPEG thumbnails of rows, made on demand and kept for reuse within one report."""
+    """Base64 JPEG thumbnails of rows' images (read as training reads them), made on demand, kept for the report."""
 
     def __init__(self, result: AuditResult):
         self.result = result
-        self.cache: dict[tuple[str, int], str | None] = {}
+        self.cache: dict[tuple[str, int], list[str] | None] = {}
 
-    def uri(self, split: str, row: int) -> str | None:
+    def uris(self, split: str, row: int) -> list[str] | None:
+        """The row's images in prompt order (its prior first) as thumbnails, or None when they cannot be read."""
         key = (split, row)
         if key not in self.cache:
             audit = self.result.splits[split]
             try:
-                image = decode_image(audit.dataset[row][audit.image_column])
+                images = row_images(audit.dataset[row], audit.options).in_prompt_order
             except ImageDecodeError:
                 self.cache[key] = None
                 return None
-            image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=80)
-            self.cache[key] = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+            uris = []
+            for image in images:
+                image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+                buffer = io.BytesIO()
+                image.save(buffer, format="JPEG", quality=80)
+                uris.append("data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"))
+            self.cache[key] = uris
         return self.cache[key]
 
-    def figure(self, split: str, row: int, caption: str) -> str:
-        uri = self.uri(split, row)
-        image = f'<img src="{uri}" alt="">' if uri else '<p class="note">(not readable)</p>'
-        return f"<figure>{image}<figcaption>{_esc(caption)}</figcaption></figure>"
+    def _position(self, split: str, row: int, pick: str) -> int:
+        """Which of the row's images to show: the first of its current study, its smallest or its blurriest."""
+        measured = self.result.splits[split].measured
+        entries = measured.entries(row)
+        if measured.row_error(row) is not None or len(entries) == 1:
+            return 0
+        if pick == "smallest":
+            return min(range(len(entries)), key=lambda k: min(measured.width[entries[k]], measured.height[entries[k]]))
+        if pick == "blurriest":
+            return min(range(len(entries)), key=lambda k: measured.sharpness[entries[k]])
+        return 1 if measured.has_prior(row) else 0
+
+    def figure(self, split: str, row: int, caption: str, pick: str = "first") -> str:
+        uris = self.uris(split, row)
+        if not uris:
+            return f'<figure><p class="note">(not readable)</p><figcaption>{_esc(caption)}</figcaption></figure>'
+        position = self._position(split, row, pick)
+        if len(uris) > 1:
+            prior = self.result.splits[split].measured.has_prior(row)
+            if prior and position == 0:
+                caption += " (prior study)"
+            else:
+                caption += f" (image {position + 1 - prior} of {len(uris) - prior}{' + prior' if prior else ''})"
+        return f'<figure><img src="{uris[position]}" alt=""><figcaption>{_esc(caption)}</figcaption></figure>'
 
 
 def _more(total: int) -> str:
@@ -398,7 +470,10 @@ def _more(total: int) -> str:
 
 
 def _summary_table(result: AuditResult) -> str:
-    reasons = [UNREADABLE, EMPTY_CAPTION, SHORT_CAPTION, SMALL, BLURRY, DUPLICATE_IMAGE, DUPLICATE_CAPTION]
+    reasons = [UNREADABLE, FILE_NOT_FOUND, EMPTY_CAPTION, SHORT_CAPTION, SMALL, BLURRY, DUPLICATE_IMAGE,
+               DUPLICATE_CAPTION]
+    if any(s.problem_counts()[TOO_MANY_IMAGES] for s in result.splits.values()):
+        reasons.insert(2, TOO_MANY_IMAGES)
     shared = sorted({r for s in result.splits.values() for r in s.problem_counts() if r.startswith("image also in")})
     head = "".join(f"<th>{_esc(r)}</th>" for r in ["split", "rows", *reasons, *shared])
     body = []
@@ -412,17 +487,29 @@ def _summary_table(result: AuditResult) -> str:
 
 
 def _distributions(split: SplitAudit) -> str:
-    readable = [r for r in split.rows if r.error is None]
-    modes = Counter(r.mode for r in readable).most_common()
+    values = _image_values(split)  # every image of every readable row
+    modes = Counter(values["mode"]).most_common()
     mode_rows = "".join(f'<tr><td>{_esc(m)}</td><td class="num">{n}</td></tr>' for m, n in modes)
     charts = [
-        svg_histogram([min(r.width, r.height) for r in readable], "shorter side (px)"),
-        svg_histogram([r.width / r.height for r in readable], "aspect ratio (width / height)", log=True),
-        svg_histogram([r.sharpness for r in readable], "sharpness (Laplacian variance)", log=True),
+        svg_histogram(values["shorter_side"], "shorter side (px)"),
+        svg_histogram(values["aspect_ratio"], "aspect ratio (width / height)", log=True),
+        svg_histogram(values["sharpness"], "sharpness (Laplacian variance)", log=True),
         svg_histogram([r.caption_words for r in split.rows], "caption length (words)", integer=True),
     ]
+    study = ""
+    if _several_images(split):
+        readable = [r for r in split.rows if r.error is None]
+        charts.append(svg_histogram([r.images for r in readable], "images per row (current study)", integer=True))
+        slices = [n for r in split.rows for n in r.series_slices]
+        if slices:
+            charts.append(svg_histogram(slices, "DICOM series size (slices)", integer=True))
+        study = (
+            f'<p class="note">{len(values["mode"])} images in {len(readable)} readable rows; '
+            f"{sum(r.prior for r in readable)} rows with a prior study; {len(slices)} DICOM series, each sampled "
+            f"to at most {split.options.max_images} images (--max_images).</p>"
+        )
     return (
-        f'<div class="charts">{"".join(charts)}</div>'
+        f'<div class="charts">{"".join(charts)}</div>{study}'
         f"<table><tr><th>colour mode (as stored)</th><th>images</th></tr>{mode_rows}</table>"
     )
 
@@ -464,6 +551,8 @@ def _problem_sections(result: AuditResult, thumbs: _Thumbnails) -> str:
                          f"{items}</table>" + _more(len(split.duplicate_captions)))
         listed = [
             (UNREADABLE, "unreadable images", lambda r: r.error or ""),
+            (FILE_NOT_FOUND, "files not found", lambda r: r.error or ""),
+            (TOO_MANY_IMAGES, "rows with more images than --max_images", lambda r: r.error or ""),
             (EMPTY_CAPTION, "empty captions", lambda r: "(empty)"),
             (SHORT_CAPTION, "short captions", lambda r: split.captions[r.row]),
         ]
@@ -473,11 +562,12 @@ def _problem_sections(result: AuditResult, thumbs: _Thumbnails) -> str:
                 items = "".join(f"<tr><td>{_esc(r.image_id)}</td><td>{_esc(detail(r))}</td></tr>"
                                 for r in hits[:MAX_SHOWN])
                 parts.append(f"<h3>{_esc(name)}: {_esc(title)}</h3><table>{items}</table>" + _more(len(hits)))
-        for reason, title in ((SMALL, "small images"), (BLURRY, "blurry images")):
+        for reason, title, pick in ((SMALL, "small images", "smallest"), (BLURRY, "blurry images", "blurriest")):
             hits = [r for r in rows if reason in r.reasons]
             if hits:
                 figures = "".join(
-                    thumbs.figure(name, r.row, f"{r.image_id}: {r.width}x{r.height}, sharpness {_fmt(r.sharpness)}")
+                    thumbs.figure(name, r.row, f"{r.image_id}: {r.width}x{r.height}, sharpness {_fmt(r.sharpness)}",
+                                  pick)
                     for r in hits[:MAX_SHOWN]
                 )
                 parts.append(f'<h3>{_esc(name)}: {_esc(title)}</h3><div class="gallery">{figures}</div>'
@@ -513,7 +603,7 @@ def render_report(result: AuditResult) -> str:
     ]
     for name, split in result.splits.items():
         blurriest = "".join(
-            thumbs.figure(name, r, f"{split.rows[r].image_id}: {_fmt(split.rows[r].sharpness)}")
+            thumbs.figure(name, r, f"{split.rows[r].image_id}: {_fmt(split.rows[r].sharpness)}", "blurriest")
             for r in split.blurriest
         )
         sections += [
@@ -594,12 +684,13 @@ def main(argv: list[str] | None = None) -> int:
         splits = data.load_splits(args.split)
         if args.max_samples is not None:
             splits = {n: ds.select(range(min(args.max_samples, len(ds)))) for n, ds in splits.items()}
-        if data.context_column:  # not audited, but a wrong name is better found now than when training
-            for dataset in splits.values():
-                require_columns(dataset, {"context_column": data.context_column})
         result = audit_splits(
             splits, data.image_column, data.caption_column, data.id_column, thresholds,
             blurriest=args.blurriest, num_proc=args.num_proc, dataset_name=data.dataset_name,
+            images_column=data.images_column, prior_image_column=data.prior_image_column,
+            options=data.image_options(),
+            # not audited, but a wrong name is better found now than when training
+            context_column=data.context_column,
         )
         report, summary = write_report(result, args.output_dir)
     except (DatasetError, ValueError, OSError) as err:
@@ -609,6 +700,11 @@ def main(argv: list[str] | None = None) -> int:
         counts = split.problem_counts()
         found = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items())) or "no problems found"
         print(f"{name}: {len(split.rows)} rows; {found}")
+        if _several_images(split):
+            summary_row = _split_summary(split)
+            per_row = ", ".join(f"{n} ({c} rows)" for n, c in summary_row["images_per_row"].items())
+            print(f"{name}: images per row: {per_row}; {summary_row['rows_with_prior']} rows with a prior study; "
+                  f"{summary_row['series']['count']} DICOM series")
     if len(result.splits) == 1:
         print("leakage not checked: only one split audited")
     if result.train_flags():

@@ -5,8 +5,16 @@ or a local folder that ``datasets.load_dataset`` understands (parquet/JSONL/CSV 
 folder with a ``metadata.csv``/``metadata.jsonl`` giving captions). Image columns may hold images or
 file paths (relative paths are resolved against the dataset's folder).
 
+A row may hold several images of one study: one image column or several (``--image_column front
+lateral``), or a column holding a list of images per row (``--images_column``); any image value may be
+a DICOM series (a folder or .zip of DICOM files, or a multi-frame DICOM file), sampled to at most
+``--max_images`` evenly spaced slices. ``--prior_image_column`` adds a prior study's image, placed
+first in the prompt. ``row_images`` turns a prepared row into the images the model gets; the collator,
+evaluation, the audit and the quality filters all call it, so they all see the same pixels.
+
 DICOM files (paths ending in .dcm, or any file with the DICOM marker) are rendered through
-``radiology.dicom`` with the file's own window; header values never reach the dataset or the logs.
+``radiology.dicom`` with the file's own window, series through ``radiology.series`` with
+``--series_window``; header values never reach the dataset or the logs.
 
 Rows are validated once, up front: rows with an empty caption, an image file that is not there, an
 image that does not decode, or Gemma control tokens (``<end_of_turn>``...) in the caption or context
@@ -24,27 +32,43 @@ import os
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, DatasetDict, Image as ImageFeature, Value, load_dataset
+import pydicom
+from datasets import Dataset, DatasetDict, Features, Image as ImageFeature, List, Value, load_dataset
 from datasets.exceptions import DatasetNotFoundError
 from huggingface_hub.errors import OfflineModeIsEnabled
 from PIL import Image, UnidentifiedImageError
 
-from radiology.dicom import NotDicomError, has_dicom_preamble, read_dicom_image
+from radiology.dicom import (
+    MULTI_WINDOW,
+    WINDOW_CHOICES,
+    NotDicomError,
+    _check_window_choice,
+    _quiet_pydicom,
+    has_dicom_preamble,
+    read_dicom_image,
+)
 from radiology.images import ImageDecodeError, ImageNotFoundError, to_rgb
+from radiology.series import DEFAULT_MAX_IMAGES, load_series, render_series, sample_indices
 
 __all__ = [
     "DEFAULT_INSTRUCTION",
     "WHOLE_FILE",
     "DatasetArguments",
     "DatasetError",
+    "ImageOptions",
     "PreparedDataset",
+    "RowImages",
+    "TooManyImagesError",
     "CURRENT_LABEL",
     "PRIOR_LABEL",
     "build_messages",
+    "canonical_columns",
+    "has_prior",
+    "image_counts",
     "user_content",
     "user_text",
     "control_token_in",
@@ -56,14 +80,19 @@ __all__ = [
     "prepare_caption_dataset",
     "refuse_control_tokens",
     "require_columns",
+    "row_images",
 ]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_INSTRUCTION = "You are an expert radiographer. Describe accurately what you see in this image."
 
-# Canonical column names after preparation; the collator and evaluation read these.
-IMAGE, CAPTION, IMAGE_ID, CONTEXT = "image", "caption", "image_id", "context"
+# Canonical column names after preparation; the collator and evaluation read these. IMAGE holds one
+# image value per row, or a list of them (several image columns, or --images_column); PRIOR the prior study's.
+IMAGE, CAPTION, IMAGE_ID, CONTEXT, PRIOR = "image", "caption", "image_id", "context", "prior"
+# Written by validation: the current study's image count per row (a series counted as its sampled slices)
+# and the slice count of each series the row's images were sampled from.
+IMAGE_COUNT, SERIES_SLICES = "image_count", "series_slices"
 # Caption length in characters: what length-grouped batching sorts by (a proxy for tokens that
 # needs no tokenizer; the prompt and image block are the same length for every row).
 LENGTH = "length"
@@ -140,6 +169,142 @@ def decode_image(value: Any) -> Image.Image:
         return to_rgb(image)
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageDecodeError(f"the image cannot be converted to RGB ({type(err).__name__}: {err})") from err
+
+
+# --------------------------------------------------------------------------- a row's images
+
+
+class TooManyImagesError(ImageDecodeError):
+    """A row whose study holds more images than --max_images allows."""
+
+    reason = "more images than --max_images"
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """How a row's images become the model's: at most ``max_images`` for the current study (a DICOM
+    series is sampled down to that many evenly spaced slices, first and last included) and the window a
+    series is rendered with (None: ``multi`` for grayscale CT, the files' own window otherwise)."""
+
+    max_images: int = DEFAULT_MAX_IMAGES
+    series_window: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_images, bool) or not isinstance(self.max_images, int) or self.max_images < 1:
+            raise ValueError(f"--max_images must be a whole number from 1 (got {self.max_images!r})")
+        try:
+            _check_window_choice(self.series_window)
+        except ValueError as err:
+            raise ValueError(f"--series_window: {err}") from None
+
+
+@dataclass
+class RowImages:
+    """One row's images as the model gets them: the current study's in order, and a prior study's image."""
+
+    images: list[Image.Image]
+    prior: Image.Image | None = None
+    series_slices: list[int] = field(default_factory=list)  # slices of each series read for this row
+
+    @property
+    def in_prompt_order(self) -> list[Image.Image]:
+        """The prior first (when there is one), then the current study's images."""
+        return ([self.prior] if self.prior is not None else []) + self.images
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _is_empty(value: Any) -> bool:
+    if isinstance(value, Mapping):
+        return not value.get("bytes") and not value.get("path")
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _frame_count(source: Path | io.BytesIO) -> int:
+    """NumberOfFrames from a DICOM header (1 when absent or unreadable: the image reader then explains)."""
+    with _quiet_pydicom():  # pydicom's warnings may quote header values
+        try:
+            header = pydicom.dcmread(source, stop_before_pixels=True, specific_tags=["NumberOfFrames"], force=True)
+            return int(header.get("NumberOfFrames", 1) or 1)
+        except Exception:  # noqa: BLE001 - any damage: read as a single image, whose reader names the cause
+            return 1
+
+
+def _series_source(value: Any) -> Path | bytes | None:
+    """The value as a DICOM series source (a folder, a .zip, a multi-frame DICOM file), or None for one image."""
+    if isinstance(value, Image.Image):
+        return None
+    if isinstance(value, Mapping):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+        if data[:4] == _ZIP_MAGIC or (has_dicom_preamble(data) and _frame_count(io.BytesIO(data)) > 1):
+            return data
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        return None
+    path = Path(value)
+    if path.is_dir():
+        return path
+    if not path.is_file():
+        return None  # open_image says that it is not there
+    if path.suffix.lower() == ".zip":
+        return path
+    with open(path, "rb") as handle:
+        head = handle.read(132)
+    if head[:4] == _ZIP_MAGIC:
+        return path
+    if (has_dicom_preamble(head) or path.suffix.lower() == ".dcm") and _frame_count(path) > 1:
+        return path
+    return None
+
+
+def _images_of(value: Any, max_images: int, window: str | None) -> tuple[list[Image.Image], int | None]:
+    """One image value as images (as opened): itself, or a series' sampled slices and the series' size."""
+    source = _series_source(value)
+    if source is None:
+        return [open_image(value)], None
+    series = load_series(source)  # SeriesError subclasses (ImageDecodeError) name the cause, never a file
+    return render_series(series, sample_indices(len(series), max_images), window), len(series)
+
+
+def row_images(row: Mapping[str, Any], options: ImageOptions | None = None, rgb: bool = True) -> RowImages:
+    """The images of a prepared row, as the model gets them, for the collator, evaluation, the audit and the filters.
+
+    ``row[IMAGE]`` is one image value or a list of them (images, paths, bytes, ``datasets`` image dicts); a value
+    that is a DICOM series (a folder or .zip of DICOM files, a multi-frame DICOM file) becomes at most
+    ``max_images`` evenly spaced slices rendered with ``series_window``. ``row[PRIOR]`` (optional) is one image; a
+    series there gives its middle slice. ``rgb=False`` keeps single images in their stored mode (the audit
+    reports it). Raises ImageDecodeError (TooManyImagesError when the study has more than ``max_images``).
+    """
+    options = options or ImageOptions()
+    value = row.get(IMAGE)
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    images: list[Image.Image] = []
+    slices: list[int] = []
+    for item in values:
+        if len(values) > 1 and _is_empty(item):
+            continue  # a view this row does not have (e.g. no lateral film)
+        part, size = _images_of(item, options.max_images, options.series_window)
+        images += part
+        slices += [size] if size is not None else []
+    if not images:
+        raise ImageDecodeError("the row has no image")
+    if len(images) > options.max_images:
+        raise TooManyImagesError(
+            f"the row's study has {len(images)} images, more than --max_images {options.max_images}; raise "
+            "--max_images (each image costs its image tokens in --max_length) or split the study"
+        )
+    prior = None
+    if not _is_empty(row.get(PRIOR)):
+        part, size = _images_of(row[PRIOR], 1, options.series_window)  # a series gives its middle slice
+        prior = part[0]
+        slices += [size] if size is not None else []
+    if rgb:
+        images = [decode_image(image) for image in images]
+        prior = decode_image(prior) if prior is not None else None
+    return RowImages(images=images, prior=prior, series_slices=slices)
 
 
 # --------------------------------------------------------------------------- prompts
@@ -310,15 +475,19 @@ def _load_from_hub(name: str, config: str | None, splits: Sequence[str] | None) 
 
 
 def load_caption_splits(
-    name: str, config: str | None = None, splits: Sequence[str] | None = None, image_column: str = IMAGE
+    name: str,
+    config: str | None = None,
+    splits: Sequence[str] | None = None,
+    image_column: str | Sequence[str] = IMAGE,
 ) -> dict[str, Dataset]:
     """Some or all (the default) splits of a dataset given as a hub id, a local file or a local folder.
 
     A single local file holds one split: it is returned under the one name in ``splits``, or as
     WHOLE_FILE when no split is asked for (a file has no "test" or "train" of its own). In a local
-    table whose ``image_column`` holds file paths, relative paths are resolved against the table's
-    folder. Errors name the problem: a path that does not exist, a hub dataset that cannot be found or
-    reached, a split that is not there (listing the splits found), or a split with no rows.
+    table whose ``image_column`` (one name, or several: every column that may hold paths) holds file
+    paths or lists of them, relative paths are resolved against the table's folder. Errors name the
+    problem: a path that does not exist, a hub dataset that cannot be found or reached, a split that is
+    not there (listing the splits found), or a split with no rows.
     """
     path = Path(name).expanduser()
     if path.is_file():
@@ -356,25 +525,37 @@ def load_caption_splits(
     chosen = {split: loaded[split] for split in (splits or list(loaded))}
     if path.is_dir() or path.is_file():
         root = path if path.is_dir() else path.parent
-        chosen = {split: _resolve_relative_image_paths(dataset, image_column, root) for split, dataset in chosen.items()}
+        columns = [image_column] if isinstance(image_column, str) else list(image_column)
+        for column in columns:
+            chosen = {split: _resolve_relative_image_paths(dataset, column, root) for split, dataset in chosen.items()}
     return chosen
 
 
-def load_caption_dataset(name: str, split: str, config: str | None = None, image_column: str = IMAGE) -> Dataset:
+def load_caption_dataset(
+    name: str, split: str, config: str | None = None, image_column: str | Sequence[str] = IMAGE
+) -> Dataset:
     """One split of a dataset given as a hub id, a local file or a local folder (see load_caption_splits)."""
     return load_caption_splits(name, config, [split], image_column)[split]
 
 
+def _is_text(feature: Any) -> bool:
+    return isinstance(feature, Value) and feature.dtype in ("string", "large_string")
+
+
 def _resolve_relative_image_paths(dataset: Dataset, column: str, root: Path) -> Dataset:
     feature = dataset.features.get(column)
-    if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
+    listed = isinstance(feature, List) and _is_text(feature.feature)
+    if not (_is_text(feature) or listed):
         return dataset
 
+    def absolute_path(value: str | None) -> str | None:
+        return None if value is None else str(value if Path(value).is_absolute() else root / value)
+
     def absolute(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        batch[column] = [
-            None if value is None else str(value if Path(value).is_absolute() else root / value)
-            for value in batch[column]
-        ]
+        if listed:
+            batch[column] = [None if values is None else [absolute_path(v) for v in values] for values in batch[column]]
+        else:
+            batch[column] = [absolute_path(value) for value in batch[column]]
         return batch
 
     return dataset.map(absolute, batched=True, desc="Resolving image paths")
@@ -385,10 +566,11 @@ def _resolve_relative_image_paths(dataset: Dataset, column: str, root: Path) -> 
 
 @dataclass
 class PreparedDataset:
-    """Rows ready for the collator, with what was dropped and why."""
+    """Rows ready for the collator, with what was dropped and why, and how their images are read."""
 
     dataset: Dataset
     dropped: Counter[str] = field(default_factory=Counter)
+    options: ImageOptions = field(default_factory=ImageOptions)
 
     def summary(self) -> str:
         kept = len(self.dataset)
@@ -396,6 +578,38 @@ class PreparedDataset:
             return f"{kept} rows kept, none dropped"
         reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(self.dropped.items()))
         return f"{kept} rows kept; dropped {sum(self.dropped.values())}: {reasons}"
+
+    def image_summary(self) -> str:
+        """Images per row, priors and series sizes, for the log: ``images per row: 1 (10 rows), 4 (2 rows); ...``."""
+        counts = Counter(image_counts(self.dataset))
+        text = "images per row: " + ", ".join(f"{n} ({rows} row{'s' if rows != 1 else ''})"
+                                              for n, rows in sorted(counts.items()))
+        if PRIOR in self.dataset.column_names:
+            text += f"; {sum(has_prior(self.dataset))} row(s) with a prior study"
+        if SERIES_SLICES in self.dataset.column_names:
+            sizes = sorted(size for row in self.dataset[SERIES_SLICES] for size in row)
+            if sizes:
+                spread = (f"{sizes[0]}" if sizes[0] == sizes[-1] else
+                          f"{sizes[0]} to {sizes[-1]} (median {sizes[len(sizes) // 2]})")
+                text += (
+                    f"; {len(sizes)} DICOM series of {spread} slices, each sampled to at most "
+                    f"{self.options.max_images} images (--max_images)"
+                )
+        return text
+
+
+def image_counts(dataset: Dataset) -> list[int]:
+    """Images of each prepared row's current study (one per row where validation did not count them)."""
+    if IMAGE_COUNT in dataset.column_names:
+        return list(dataset[IMAGE_COUNT])
+    return [1] * len(dataset)
+
+
+def has_prior(dataset: Dataset) -> list[bool]:
+    """Whether each canonical row has a prior study's image."""
+    if PRIOR not in dataset.column_names:
+        return [False] * len(dataset)
+    return [not _is_empty(value) for value in dataset[PRIOR]]
 
 
 def require_columns(dataset: Dataset, required: Mapping[str, str]) -> None:
@@ -409,79 +623,186 @@ def require_columns(dataset: Dataset, required: Mapping[str, str]) -> None:
             )
 
 
-def _row_problem(image: Any, caption: Any, context: Any = None) -> str | None:
+def _holds_lists(feature: Any) -> bool:
+    return isinstance(feature, List)
+
+
+def _as_image_value(value: Any) -> dict[str, Any] | None:
+    """One value of an image column as a ``datasets`` image dict (bytes or path), None when empty."""
+    if _is_empty(value):
+        return None
+    if isinstance(value, Mapping):
+        return {"bytes": value.get("bytes"), "path": value.get("path")}
+    if isinstance(value, (bytes, bytearray)):
+        return {"bytes": bytes(value), "path": None}
+    return {"bytes": None, "path": str(value)}
+
+
+_STUDY = "__study_images__"  # a temporary name while several image columns are joined into one list
+
+
+def canonical_columns(
+    dataset: Dataset,
+    image_column: str | Sequence[str] = IMAGE,
+    caption_column: str = CAPTION,
+    id_column: str | None = IMAGE_ID,
+    context_column: str | None = None,
+    images_column: str | None = None,
+    prior_image_column: str | None = None,
+) -> Dataset:
+    """The dataset under the canonical columns (IMAGE, CAPTION, IMAGE_ID, optional CONTEXT and PRIOR), unvalidated.
+
+    IMAGE holds each row's one image value, or a list of them when images come from several columns (in the
+    order given, empty ones left out) or from ``images_column`` (a column of lists; it replaces
+    ``image_column``). Images stay undecoded (bytes or paths). Errors name the option to fix.
+    """
+    if images_column:
+        sources = [images_column]
+    else:
+        sources = [image_column] if isinstance(image_column, str) else list(image_column)
+    for column in sources:
+        require_columns(dataset, {"images_column" if images_column else "image_column": column})
+    required = {"caption_column": caption_column}
+    if context_column:
+        required["context_column"] = context_column
+    if prior_image_column:
+        required["prior_image_column"] = prior_image_column
+    require_columns(dataset, required)
+    for column in sources:
+        lists = _holds_lists(dataset.features[column])
+        if images_column and not lists:
+            raise DatasetError(
+                f"column {column!r} holds one image per row, not a list of them; name it with --image_column "
+                f"{column} instead of --images_column"
+            )
+        if not images_column and lists:
+            raise DatasetError(
+                f"column {column!r} holds a list of images per row; name it with --images_column {column} "
+                "(--image_column takes columns of one image, or one DICOM series, per row)"
+            )
+    kept = list(dict.fromkeys([*sources, caption_column]))
+    if id_column and id_column in dataset.column_names:
+        kept.append(id_column)
+    kept += [c for c in (context_column, prior_image_column) if c]
+    dataset = dataset.select_columns(list(dict.fromkeys(kept)))
+    for column in dict.fromkeys([*sources, prior_image_column or ""]):
+        feature = dataset.features.get(column)
+        if isinstance(feature, ImageFeature):
+            dataset = dataset.cast_column(column, ImageFeature(decode=False))  # decoded by row_images, counted
+        elif _holds_lists(feature) and isinstance(feature.feature, ImageFeature):
+            dataset = dataset.cast_column(column, List(ImageFeature(decode=False)))
+    image_source = sources[0]
+    if len(sources) > 1:
+        joined = [c for c in sources if c not in (caption_column, id_column, context_column, prior_image_column)]
+        features = Features({name: f for name, f in dataset.features.items() if name not in joined})
+        features[_STUDY] = List(ImageFeature(decode=False))
+        dataset = dataset.map(
+            lambda batch: {_STUDY: [
+                [v for v in (_as_image_value(batch[c][i]) for c in sources) if v is not None]
+                for i in range(len(batch[sources[0]]))
+            ]},
+            batched=True,
+            remove_columns=joined,
+            features=features,
+            desc="Joining image columns",
+        )
+        image_source = _STUDY
+    renames = {image_source: IMAGE, caption_column: CAPTION}
+    if id_column and id_column in dataset.column_names:
+        renames[id_column] = IMAGE_ID
+    if context_column:
+        renames[context_column] = CONTEXT
+    if prior_image_column:
+        renames[prior_image_column] = PRIOR
+    dataset = dataset.select_columns(list(renames)).rename_columns(
+        {old: new for old, new in renames.items() if old != new}
+    )
+    if IMAGE_ID not in dataset.column_names:
+        dataset = dataset.add_column(IMAGE_ID, [str(i) for i in range(len(dataset))])
+    if context_column and dataset.features[CONTEXT] != Value("string"):
+        dataset = dataset.cast_column(CONTEXT, Value("string"))  # e.g. a CSV column of numbers; None stays None
+    return dataset
+
+
+def _row_problem(row: Mapping[str, Any], options: ImageOptions) -> tuple[str | None, int, list[int]]:
+    """What makes a canonical row unusable (or None), the current study's image count, and its series' sizes."""
+    caption, context = row.get(CAPTION), row.get(CONTEXT)
     if caption is None or not str(caption).strip():
-        return "empty caption"
+        return "empty caption", 0, []
     if control_token_in(str(caption)):
         # The collator would end the answer at an <end_of_turn> and silently mask the rest; the
         # other control tokens start turns or images that are not there, or plant <eos> mid-answer.
-        return "caption with chat control tokens"
+        return "caption with chat control tokens", 0, []
     if context is not None and control_token_in(str(context)):
-        return "context with chat control tokens"
+        return "context with chat control tokens", 0, []
     try:
-        decode_image(image)
+        images = row_images(row, options)
     except ImageDecodeError as err:
-        return err.reason
-    return None
+        return err.reason, 0, []
+    return None, len(images.images), images.series_slices
+
+
+_VALIDATION_FEATURES = Features(
+    {"problem": Value("string"), IMAGE_COUNT: Value("int32"), SERIES_SLICES: List(Value("int32"))}
+)
 
 
 def prepare_caption_dataset(
     dataset: Dataset,
-    image_column: str = IMAGE,
+    image_column: str | Sequence[str] = IMAGE,
     caption_column: str = CAPTION,
     id_column: str | None = IMAGE_ID,
     context_column: str | None = None,
     max_samples: int | None = None,
     num_proc: int | None = None,
+    images_column: str | None = None,
+    prior_image_column: str | None = None,
+    options: ImageOptions | None = None,
 ) -> PreparedDataset:
-    """Rename to canonical columns, keep the first ``max_samples`` rows, drop and count bad rows.
+    """Rename to canonical columns (see canonical_columns), keep the first ``max_samples`` rows, drop and count
+    bad rows, and record each row's image count (IMAGE_COUNT) and series sizes (SERIES_SLICES).
 
-    Images stay undecoded (bytes or paths) in the result: the collator decodes them in the data
-    loader's workers, off the training step's critical path.
+    Every image of a row is read here once, through row_images (series sampled and rendered as training
+    will), so that a bad file drops its row now rather than stopping training mid-epoch. Images stay
+    undecoded (bytes or paths) in the result: the collator reads them again in the data loader's workers.
     """
-    required = {"image_column": image_column, "caption_column": caption_column}
-    if context_column:
-        required["context_column"] = context_column
-    require_columns(dataset, required)
+    options = options or ImageOptions()
     if max_samples is not None and max_samples < len(dataset):
         dataset = dataset.select(range(max_samples))
-
-    columns = {image_column: IMAGE, caption_column: CAPTION}
-    if id_column and id_column in dataset.column_names:
-        columns[id_column] = IMAGE_ID
-    if context_column:
-        columns[context_column] = CONTEXT
-    dataset = dataset.select_columns(list(columns)).rename_columns(
-        {old: new for old, new in columns.items() if old != new}
+    dataset = canonical_columns(
+        dataset, image_column, caption_column, id_column, context_column, images_column, prior_image_column
     )
-    if isinstance(dataset.features[IMAGE], ImageFeature):
-        dataset = dataset.cast_column(IMAGE, ImageFeature(decode=False))
-    if IMAGE_ID not in dataset.column_names:
-        dataset = dataset.add_column(IMAGE_ID, [str(i) for i in range(len(dataset))])
-    if context_column and dataset.features[CONTEXT] != Value("string"):
-        dataset = dataset.cast_column(CONTEXT, Value("string"))  # e.g. a CSV column of numbers; None stays None
 
-    def problems_of(batch: dict[str, list[Any]]) -> dict[str, list[str | None]]:
-        contexts = batch[CONTEXT] if CONTEXT in batch else [None] * len(batch[IMAGE])
-        return {"problem": [_row_problem(*row) for row in zip(batch[IMAGE], batch[CAPTION], contexts)]}
+    def problems_of(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        found = [_row_problem(row, options) for row in rows]
+        return {
+            "problem": [problem for problem, _, _ in found],
+            IMAGE_COUNT: [count for _, count, _ in found],
+            SERIES_SLICES: [slices for _, _, slices in found],
+        }
 
-    problems = dataset.map(
+    checked = dataset.map(
         problems_of,
         batched=True,
         batch_size=64,
-        input_columns=None,
         remove_columns=dataset.column_names,
+        features=_VALIDATION_FEATURES,
         num_proc=num_proc,
         desc="Validating rows",
-    )["problem"]
+    )
+    problems = checked["problem"]
     dropped = Counter(p for p in problems if p)
+    keep = [i for i, p in enumerate(problems) if p is None]
     if dropped:
-        dataset = dataset.select([i for i, p in enumerate(problems) if p is None])
-    prepared = PreparedDataset(dataset=dataset, dropped=dropped)
+        dataset, checked = dataset.select(keep), checked.select(keep)
+    prepared = PreparedDataset(dataset=dataset, dropped=dropped, options=options)
     logger.info("Dataset: %s", prepared.summary())
     if len(dataset) == 0:
         raise DatasetError(f"no usable rows left ({prepared.summary()}); {_how_to_fix(dropped)}")
+    dataset = dataset.add_column(IMAGE_COUNT, checked[IMAGE_COUNT]).add_column(SERIES_SLICES, checked[SERIES_SLICES])
     prepared.dataset = dataset.add_column(LENGTH, [len(str(c)) for c in dataset[CAPTION]])
+    logger.info("Images: %s", prepared.image_summary())
     return prepared
 
 
@@ -491,6 +812,7 @@ _FIXES = {
     "file not found": "check --image_column and the image paths: relative paths are read from the table's folder",
     "caption with chat control tokens": "remove Gemma control tokens such as <end_of_turn> from the captions",
     "context with chat control tokens": "remove Gemma control tokens such as <end_of_turn> from the context column",
+    TooManyImagesError.reason: "raise --max_images to the largest study's image count (it costs --max_length)",
 }
 
 
@@ -506,6 +828,8 @@ def _how_to_fix(dropped: Counter[str]) -> str:
 
 # --------------------------------------------------------------------------- the dataset description
 
+_SERIES_WINDOWS = [*WINDOW_CHOICES, MULTI_WINDOW]
+
 
 @dataclass
 class DatasetArguments:
@@ -520,7 +844,14 @@ class DatasetArguments:
         metadata={"help": "Hub dataset id, a local parquet/JSONL/CSV file, or a local folder (files or images)."}
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name, if any."})
-    image_column: str = field(default=IMAGE, metadata={"help": "Column holding images or image paths."})
+    image_column: list[str] = field(
+        default_factory=lambda: [IMAGE],
+        metadata={
+            "help": "Column(s) holding one image, image path or DICOM series (a folder or .zip of DICOM files, a "
+            "multi-frame DICOM file) per row. Several columns give each row several images in the order named, "
+            "e.g. --image_column front lateral."
+        },
+    )
     caption_column: str = field(default=CAPTION, metadata={"help": "Column holding the reference caption."})
     id_column: str = field(
         default=IMAGE_ID, metadata={"help": "Column holding an image identifier, if any (else the row number)."}
@@ -532,6 +863,49 @@ class DatasetArguments:
             "cough for 3 weeks'); it goes into the prompt after the instruction. Rows without it keep the plain prompt."
         },
     )
+    images_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column holding a list of images (or paths, or DICOM series) per row, in order: one study's "
+            "images. Used instead of --image_column."
+        },
+    )
+    prior_image_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column holding a prior study's image for comparison (empty: no prior); it goes first in the "
+            "prompt, labelled 'Prior study:', before 'Current study:' and the row's images."
+        },
+    )
+    max_images: int = field(
+        default=DEFAULT_MAX_IMAGES,
+        metadata={
+            "help": "Most images of one row's study: a DICOM series is sampled to this many evenly spaced slices "
+            "(first and last included); rows with more images are dropped and counted. Each image costs its image "
+            "tokens (256 on Gemma 3) in --max_length."
+        },
+    )
+    series_window: str | None = field(
+        default=None,
+        metadata={
+            "choices": _SERIES_WINDOWS,
+            "help": "Window for DICOM series: multi (three CT windows in R, G, B), header (the files' own), full, or "
+            "a CT preset; default: multi for CT, header otherwise.",
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_column, str):  # a YAML value or a Python caller naming one column
+            self.image_column = [self.image_column]
+        self.image_column = list(self.image_column)
+        if not self.image_column:
+            raise ValueError("--image_column needs at least one column name")
+        if self.images_column and self.image_column != [IMAGE]:
+            raise ValueError(
+                "give a row's images either with --image_column (one or more columns of one image each) or with "
+                "--images_column (one column holding a list of images per row), not both"
+            )
+        self.image_options()  # an impossible --max_images or --series_window fails here, before any loading
 
     @classmethod
     def of(cls, arguments: Any) -> DatasetArguments:
@@ -543,17 +917,39 @@ class DatasetArguments:
         flags = []
         for name, spec in self.__dataclass_fields__.items():
             value = getattr(self, name)
-            if value is not None and value != spec.default:
-                flags += [f"--{name}", str(value)]
+            default = spec.default_factory() if spec.default_factory is not MISSING else spec.default
+            if value is not None and value != default:
+                flags += [f"--{name}", *(map(str, value) if isinstance(value, list) else [str(value)])]
         return flags
+
+    def image_options(self) -> ImageOptions:
+        """How rows' images are read: --max_images and --series_window."""
+        return ImageOptions(max_images=self.max_images, series_window=self.series_window)
+
+    def path_columns(self) -> list[str]:
+        """The columns that may hold image paths (relative ones are read from the dataset's folder)."""
+        images = [self.images_column] if self.images_column else self.image_column
+        return images + ([self.prior_image_column] if self.prior_image_column else [])
 
     def load_splits(self, splits: Sequence[str] | None = None) -> dict[str, Dataset]:
         """Some or all splits, as read (see load_caption_splits)."""
-        return load_caption_splits(self.dataset_name, self.dataset_config, splits, self.image_column)
+        return load_caption_splits(self.dataset_name, self.dataset_config, splits, self.path_columns())
 
     def load(self, split: str) -> Dataset:
         """One split, as read."""
         return self.load_splits([split])[split]
+
+    def canonical(self, raw: Dataset) -> Dataset:
+        """A split read by ``load`` under the canonical columns, nothing dropped (see canonical_columns)."""
+        return canonical_columns(
+            raw,
+            image_column=self.image_column,
+            caption_column=self.caption_column,
+            id_column=self.id_column,
+            context_column=self.context_column,
+            images_column=self.images_column,
+            prior_image_column=self.prior_image_column,
+        )
 
     def prepare(self, raw: Dataset, max_samples: int | None = None, num_proc: int | None = None) -> PreparedDataset:
         """A split read by ``load`` under the canonical columns, bad rows dropped and counted."""
@@ -565,4 +961,7 @@ class DatasetArguments:
             context_column=self.context_column,
             max_samples=max_samples,
             num_proc=num_proc,
+            images_column=self.images_column,
+            prior_image_column=self.prior_image_column,
+            options=self.image_options(),
         )

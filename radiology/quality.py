@@ -7,6 +7,11 @@ Per image: size, colour mode, sharpness (variance of the Laplacian, scipy) and a
 hash (pHash, ImageHash). Two images whose hashes differ in at most ``near_duplicate_distance`` bits
 are the same picture for our purposes: a re-encoded, resized or blurred copy lands within a few bits,
 different images about 32 bits apart. Per caption: its number of words and exact duplicates.
+
+A row may hold several images (a study's views, a DICOM series' sampled slices, a prior study's image),
+read by ``radiology.data.row_images`` as training reads them; every one of them is measured. A row is
+small or blurry when any of its images is, and two rows are duplicates (or one leaks into another
+split) when any image of one is (nearly) the same as any image of the other.
 """
 
 from __future__ import annotations
@@ -19,12 +24,22 @@ from typing import Any
 
 import imagehash
 import numpy as np
-from datasets import Dataset, Features, Image as ImageFeature, Value
+from datasets import Dataset, Features, Image as ImageFeature, List, Value
 from PIL import Image
 from scipy import ndimage
 
-from radiology.data import CAPTION, IMAGE, DatasetError, PreparedDataset, open_image
-from radiology.images import ImageDecodeError, to_rgb
+from radiology.data import (
+    CAPTION,
+    IMAGE,
+    PRIOR,
+    DatasetError,
+    ImageOptions,
+    PreparedDataset,
+    TooManyImagesError,
+    open_image,
+    row_images,
+)
+from radiology.images import ImageDecodeError, ImageNotFoundError, to_rgb
 
 __all__ = [
     "DEFAULT_NEAR_DUPLICATE_DISTANCE",
@@ -58,6 +73,7 @@ SHARPNESS_MAX_SIDE = 512
 
 # Reasons, as they appear in the audit and in the training log's "dropped" counts.
 UNREADABLE, EMPTY_CAPTION, SHORT_CAPTION = "unreadable image", "empty caption", "short caption"
+FILE_NOT_FOUND, TOO_MANY_IMAGES = ImageNotFoundError.reason, TooManyImagesError.reason
 SMALL, BLURRY, DUPLICATE_IMAGE, DUPLICATE_CAPTION = "small image", "blurry image", "duplicate image", "duplicate caption"
 SHARED = "image also in {split} split"
 
@@ -90,9 +106,7 @@ def perceptual_hash(image: Image.Image) -> int:
     return int(str(imagehash.phash(image)), 16)
 
 
-def measure_image(value: Any) -> ImageMeasures:
-    """Size, stored mode, sharpness and hash of one image (any form ``decode_image`` takes)."""
-    stored = open_image(value)
+def _measures_of(stored: Image.Image) -> ImageMeasures:
     try:
         rgb = to_rgb(stored)
     except (OSError, SyntaxError, ValueError) as err:
@@ -100,6 +114,11 @@ def measure_image(value: Any) -> ImageMeasures:
     return ImageMeasures(
         width=rgb.width, height=rgb.height, mode=stored.mode, sharpness=sharpness(rgb), phash=perceptual_hash(rgb)
     )
+
+
+def measure_image(value: Any) -> ImageMeasures:
+    """Size, stored mode, sharpness and hash of one image (any form ``decode_image`` takes)."""
+    return _measures_of(open_image(value))
 
 
 def caption_words(caption: Any) -> int:
@@ -117,7 +136,11 @@ def caption_key(caption: Any) -> str:
 
 @dataclass
 class MeasuredImages:
-    """Measures of every row of one split, in row order; ``error`` is set where the image did not decode."""
+    """Measures of every image of one split: one entry per image, rows in order and each row's images in
+    prompt order (its prior first); ``row[k]`` is the row of entry k. A row whose images could not all be
+    read has a single entry with ``error`` (the message) and ``reason`` (file not found, unreadable image,
+    more images than --max_images) set and no measures. Built with one image per row (``row`` left out),
+    entry k is row k."""
 
     error: list[str | None]
     width: list[int | None]
@@ -125,45 +148,114 @@ class MeasuredImages:
     mode: list[str | None]
     sharpness: list[float | None]
     phash: list[int | None]
+    row: list[int] | None = None
+    reason: list[str | None] | None = None
+    prior: list[bool] | None = None  # whether entry k is its row's prior study image
+    rows: int | None = None  # rows measured (a row has at least one entry)
+    series_slices: list[list[int]] | None = None  # per row: slices of each series read
+
+    def __post_init__(self) -> None:
+        if self.row is None:
+            self.row = list(range(len(self.error)))
+        if self.reason is None:
+            self.reason = [None if e is None else UNREADABLE for e in self.error]
+        if self.prior is None:
+            self.prior = [False] * len(self.error)
+        if self.rows is None:
+            self.rows = max(self.row) + 1 if self.row else 0
+        if self.series_slices is None:
+            self.series_slices = [[] for _ in range(self.rows)]
+        self._entries: list[list[int]] = [[] for _ in range(self.rows)]
+        for k, r in enumerate(self.row):
+            self._entries[r].append(k)
 
     def __len__(self) -> int:
-        return len(self.error)
+        return self.rows
+
+    def entries(self, row: int) -> list[int]:
+        """The entries (images) of one row, in prompt order."""
+        return self._entries[row]
+
+    def row_error(self, row: int) -> str | None:
+        """Why the row's images could not be read, or None."""
+        return next((self.error[k] for k in self._entries[row] if self.error[k] is not None), None)
+
+    def row_reason(self, row: int) -> str | None:
+        """The cause under which an unreadable row is counted (FILE_NOT_FOUND, UNREADABLE...), or None."""
+        return next((self.reason[k] for k in self._entries[row] if self.reason[k] is not None), None)
 
     def readable(self) -> list[int]:
-        """Rows whose image decoded."""
-        return [i for i, err in enumerate(self.error) if err is None]
+        """Rows whose every image decoded."""
+        return [r for r in range(self.rows) if self.row_error(r) is None]
+
+    def readable_entries(self) -> list[int]:
+        """Entries of the readable rows: every image that was measured."""
+        return [k for r in self.readable() for k in self._entries[r]]
+
+    def images_in_row(self, row: int) -> int:
+        """Images of the row's current study (its prior not counted); 0 when unreadable."""
+        if self.row_error(row) is not None:
+            return 0
+        return sum(not self.prior[k] for k in self._entries[row])
+
+    def has_prior(self, row: int) -> bool:
+        """Whether the row's prompt starts with a prior study's image."""
+        return any(self.prior[k] for k in self._entries[row])
 
 
 _MEASURE_FEATURES = Features({
-    "error": Value("string"), "width": Value("int32"), "height": Value("int32"), "mode": Value("string"),
-    "sharpness": Value("float64"), "phash": Value("string"),  # hex: Arrow has no Python-int-safe uint64 path
+    "row": Value("int64"), "error": Value("string"), "reason": Value("string"), "width": Value("int32"),
+    "height": Value("int32"), "mode": Value("string"), "sharpness": Value("float64"),
+    "phash": Value("string"),  # hex: Arrow has no Python-int-safe uint64 path
+    "prior": Value("bool"), "series_slices": List(Value("int32")),  # series_slices: on a row's first entry
 })
 
 
-def _measure_batch(images: list[Any]) -> dict[str, list[Any]]:
+def _failure_reason(err: ImageDecodeError) -> str:
+    return err.reason if isinstance(err, (ImageNotFoundError, TooManyImagesError)) else UNREADABLE
+
+
+def _measure_rows(batch: dict[str, list[Any]], indices: list[int], options: ImageOptions) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {name: [] for name in _MEASURE_FEATURES}
-    for value in images:
-        try:
-            m = measure_image(value)
-        except ImageDecodeError as err:
-            for name in out:
-                out[name].append(str(err) if name == "error" else None)
-            continue
-        row = {**asdict(m), "phash": f"{m.phash:016x}", "error": None}
+
+    def add(**entry: Any) -> None:
         for name in out:
-            out[name].append(row[name])
+            out[name].append(entry.get(name, [] if name == "series_slices" else None))
+
+    priors = batch[PRIOR] if PRIOR in batch else [None] * len(indices)
+    for index, image, prior in zip(indices, batch[IMAGE], priors):
+        try:
+            study = row_images({IMAGE: image, PRIOR: prior}, options, rgb=False)
+            measured = [(m, k == 0 and study.prior is not None)
+                        for k, m in enumerate(_measures_of(picture) for picture in study.in_prompt_order)]
+        except ImageDecodeError as err:
+            add(row=index, error=str(err), reason=_failure_reason(err), prior=False)
+            continue
+        for k, (m, is_prior) in enumerate(measured):
+            add(row=index, **{**asdict(m), "phash": f"{m.phash:016x}"}, prior=is_prior,
+                series_slices=study.series_slices if k == 0 else [])
     return out
 
 
-def measure_images(dataset: Dataset, image_column: str = IMAGE, num_proc: int | None = None) -> MeasuredImages:
-    """Decode and measure every image of ``dataset`` (in parallel with ``num_proc``)."""
+def measure_images(
+    dataset: Dataset, options: ImageOptions | None = None, num_proc: int | None = None
+) -> MeasuredImages:
+    """Read (through ``row_images``, as training does) and measure every image of every row of a dataset under
+    the canonical columns (IMAGE, optional PRIOR), in parallel with ``num_proc``."""
+    options = options or ImageOptions()
     if len(dataset) == 0:  # map() would return the table unchanged, without the measure columns
-        return MeasuredImages(error=[], width=[], height=[], mode=[], sharpness=[], phash=[])
-    if isinstance(dataset.features.get(image_column), ImageFeature):
-        dataset = dataset.cast_column(image_column, ImageFeature(decode=False))  # we decode, and count failures
+        return MeasuredImages(error=[], width=[], height=[], mode=[], sharpness=[], phash=[], rows=0)
+    for column in (IMAGE, PRIOR):
+        feature = dataset.features.get(column)
+        if isinstance(feature, ImageFeature):
+            dataset = dataset.cast_column(column, ImageFeature(decode=False))  # we decode, and count failures
+        elif isinstance(feature, List) and isinstance(feature.feature, ImageFeature):
+            dataset = dataset.cast_column(column, List(ImageFeature(decode=False)))
     table = dataset.map(
-        _measure_batch,
-        input_columns=[image_column],
+        _measure_rows,
+        input_columns=None,
+        with_indices=True,
+        fn_kwargs={"options": options},
         batched=True,
         batch_size=32,
         remove_columns=dataset.column_names,
@@ -171,9 +263,13 @@ def measure_images(dataset: Dataset, image_column: str = IMAGE, num_proc: int | 
         num_proc=num_proc,
         desc="Measuring images",
     ).to_dict()
+    series: list[list[int]] = [[] for _ in range(len(dataset))]
+    for row, slices in zip(table["row"], table["series_slices"]):
+        series[row] += slices
     return MeasuredImages(
         error=table["error"], width=table["width"], height=table["height"], mode=table["mode"],
         sharpness=table["sharpness"], phash=[None if h is None else int(h, 16) for h in table["phash"]],
+        row=table["row"], reason=table["reason"], prior=table["prior"], rows=len(dataset), series_slices=series,
     )
 
 
@@ -209,26 +305,35 @@ class QualityThresholds:
 
 
 def row_reasons(measured: MeasuredImages, index: int, caption: Any, thresholds: QualityThresholds) -> list[str]:
-    """What is wrong with one row on its own (no comparison with other rows), in a fixed order."""
+    """What is wrong with one row on its own (no comparison with other rows), in a fixed order. A row is small
+    or blurry when any of its images is."""
     reasons = []
-    if measured.error[index] is not None:
-        reasons.append(UNREADABLE)
+    failure = measured.row_reason(index)
+    if failure is not None:
+        reasons.append(failure)
     words = caption_words(caption)
     if words == 0:
         reasons.append(EMPTY_CAPTION)
     elif thresholds.min_caption_words is not None and words < thresholds.min_caption_words:
         reasons.append(SHORT_CAPTION)
-    if measured.error[index] is None:
-        side = min(measured.width[index], measured.height[index])
+    if failure is None:
+        entries = measured.entries(index)
+        side = min(min(measured.width[k], measured.height[k]) for k in entries)
         if thresholds.min_image_side is not None and side < thresholds.min_image_side:
             reasons.append(SMALL)
-        if thresholds.min_sharpness is not None and measured.sharpness[index] < thresholds.min_sharpness:
+        lowest = min(measured.sharpness[k] for k in entries)
+        if thresholds.min_sharpness is not None and lowest < thresholds.min_sharpness:
             reasons.append(BLURRY)
     return reasons
 
 
 def _hash_array(measured: MeasuredImages, indices: Sequence[int]) -> np.ndarray:
     return np.array([measured.phash[i] for i in indices], dtype=np.uint64)
+
+
+def _measured_entries(measured: MeasuredImages, rows: Iterable[int]) -> list[int]:
+    """The measured images (entries) of those of ``rows`` whose images all decoded."""
+    return [k for r in rows if measured.row_error(r) is None for k in measured.entries(r)]
 
 
 # Hashes compared per block: 16M uint64 XORs hold 128 MB at once, whatever the dataset's size.
@@ -247,26 +352,29 @@ def _close_pairs(a: np.ndarray, b: np.ndarray, max_distance: int) -> Iterable[tu
 
 
 def duplicate_groups(measured: MeasuredImages, indices: Sequence[int], max_distance: int) -> list[list[int]]:
-    """Groups of near-identical images among ``indices``, each in row order: the first row is the one kept."""
-    indices = [i for i in indices if measured.phash[i] is not None]
-    hashes = _hash_array(measured, indices)
-    parent = list(range(len(indices)))
+    """Groups of rows among ``indices`` that share a near-identical image, each in row order: the first row is
+    the one kept. Images within one row (neighbouring slices of a series) are not compared with each other."""
+    rows = [r for r in indices if measured.row_error(r) is None]
+    entries = _measured_entries(measured, rows)
+    hashes = _hash_array(measured, entries)
+    parent = {r: r for r in rows}
 
-    def root(k: int) -> int:
-        while parent[k] != k:
-            parent[k] = parent[parent[k]]
-            k = parent[k]
-        return k
+    def root(r: int) -> int:
+        while parent[r] != r:
+            parent[r] = parent[parent[r]]
+            r = parent[r]
+        return r
 
     for i, j, _ in _close_pairs(hashes, hashes, max_distance):
-        if i < j:
-            parent[root(j)] = root(i)
+        a, b = root(measured.row[entries[i]]), root(measured.row[entries[j]])
+        if a != b:
+            parent[max(a, b)] = min(a, b)  # the earliest row stays the root
     members: dict[int, list[int]] = {}
-    for k, row in enumerate(indices):
-        members.setdefault(root(k), []).append(row)
+    for r in sorted(rows):
+        members.setdefault(root(r), []).append(r)
     # The first row is kept, not the "best": JPEG artefacts raise the sharpness score of a worse copy.
     # Filtering blurry rows before grouping (as filter_training_rows does) already drops a blurred copy.
-    return sorted((rows for rows in members.values() if len(rows) > 1), key=lambda rows: rows[0])
+    return sorted((group for group in members.values() if len(group) > 1), key=lambda group: group[0])
 
 
 def shared_images(
@@ -275,11 +383,15 @@ def shared_images(
     max_distance: int,
     indices: Sequence[int] | None = None,
 ) -> list[tuple[int, int, int]]:
-    """(row here, row in other, distance) for each image here that is (nearly) the same as one there."""
-    mine = [i for i in (range(len(measured)) if indices is None else indices) if measured.phash[i] is not None]
-    theirs = other.readable()
-    pairs = _close_pairs(_hash_array(measured, mine), _hash_array(other, theirs), max_distance)
-    return [(mine[i], theirs[j], d) for i, j, d in pairs]
+    """(row here, row in other, distance) for each pair of rows with a (nearly) identical image, the closest
+    pair of their images giving the distance; in row order."""
+    mine = _measured_entries(measured, range(len(measured)) if indices is None else indices)
+    theirs = _measured_entries(other, range(len(other)))
+    closest: dict[tuple[int, int], int] = {}
+    for i, j, d in _close_pairs(_hash_array(measured, mine), _hash_array(other, theirs), max_distance):
+        key = (measured.row[mine[i]], other.row[theirs[j]])
+        closest[key] = min(d, closest.get(key, d))
+    return [(a, b, d) for (a, b), d in sorted(closest.items())]
 
 
 def duplicate_captions(captions: Sequence[Any], indices: Sequence[int] | None = None) -> list[list[int]]:
@@ -305,7 +417,7 @@ def filter_training_rows(
     """Drop prepared rows that fail the thresholds, whose image is in a held-out split, or (with
     ``drop_duplicates``) that repeat another row's image; counts each under its first reason."""
     dataset = prepared.dataset
-    measured = measure_images(dataset, IMAGE, num_proc)
+    measured = measure_images(dataset, prepared.options, num_proc)
     captions = dataset[CAPTION]
     dropped: dict[int, str] = {}
     for i in range(len(dataset)):
@@ -329,7 +441,7 @@ def filter_training_rows(
         "Quality filters dropped %d rows%s", len(dropped),
         ": " + ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items())) if counts else "",
     )
-    filtered = PreparedDataset(dataset=dataset, dropped=prepared.dropped + counts)
+    filtered = PreparedDataset(dataset=dataset, dropped=prepared.dropped + counts, options=prepared.options)
     logger.info("Dataset: %s", filtered.summary())
     if len(dataset) == 0:
         raise DatasetError(

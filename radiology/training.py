@@ -288,7 +288,8 @@ def _held_out_images(script_args: RadiologyArguments, num_proc: int | None) -> d
         return {}
     _require_several_splits(script_args, "--drop_images_in_split")
     splits = script_args.load_splits(script_args.drop_images_in_split)
-    return {name: measure_images(split, script_args.image_column, num_proc) for name, split in splits.items()}
+    options = script_args.image_options()
+    return {name: measure_images(script_args.canonical(split), options, num_proc) for name, split in splits.items()}
 
 
 def build_trainer(

@@ -280,3 +280,57 @@ def write_audit_fixture(folder: Path) -> dict[tuple[str, str], set[str]]:
         ("train", "no_caption"): {"empty caption"},
         ("train", "broken"): {"unreadable image"},
     }
+
+
+# --------------------------------------------------------------------------- studies: several images per row
+
+MR700 = "dicomdirtests/98892003/MR700"  # a real radial MR series of 7 slices (16 x 16)
+CT2 = "dicomdirtests/77654033/CT2"  # a real axial CT series of 4 slices (16 x 16)
+
+
+def write_sentinel_series(folder: Path, relative: str = MR700) -> Path:
+    """A real series from pydicom's test data copied into ``folder``, each file under a name holding the
+    sentinel and with patient data planted in its header (see write_sentinel_dicom). Returns the folder."""
+    from pydicom.data import get_testdata_file
+
+    originals = sorted(p.name for p in Path(get_testdata_file(relative, download=False)).iterdir())
+    for number, original in enumerate(reversed(originals)):  # names out of anatomical order on purpose
+        write_sentinel_dicom(folder, f"{SENTINEL}_{number:03d}.dcm", source=f"{relative}/{original}")
+    return folder
+
+
+STUDY_CAPTIONS = [
+    "Frontal and lateral chest radiographs show a right lower lobe consolidation.",
+    "Axial CT slices show a hypodense lesion in the liver.",
+    "MR slices show a well-defined mass without oedema.",
+    "Compared with the prior study the effusion has resolved.",
+    "Ultrasound images show a simple renal cyst.",
+]
+
+
+def write_study_dataset(folder: Path, splits: dict[str, int] | None = None) -> Path:
+    """A folder of JSONL splits whose rows hold 2 to 4 real images each (relative PNG paths in an ``images``
+    list column), some a prior study's image (``prior``), and in each split one row whose images are a real
+    DICOM series folder (pydicom's MR700, 7 slices, planted patient data): study ids ``study_N``."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pictures = list(distinct_images().items())
+    (folder / "images").mkdir(exist_ok=True)
+    for name, picture in pictures:
+        png = picture.convert("RGB") if picture.mode == "P" else picture
+        (folder / "images" / f"{name}.png").write_bytes(encode(png))
+    write_sentinel_series(folder / "series" / "mr700")
+    for split, n in (splits or {"train": 6, "test": 4}).items():
+        rows = []
+        for i in range(n):
+            if i == 1:
+                images = ["series/mr700"]
+            else:
+                count = 2 + i % 3  # 2, 3 or 4 images
+                images = [f"images/{pictures[(i + k) % len(pictures)][0]}.png" for k in range(count)]
+            prior = f"images/{pictures[(i + 5) % len(pictures)][0]}.png" if i % 2 == 0 else None
+            rows.append({"study": f"study_{i}", "images": images, "prior": prior,
+                         "caption": STUDY_CAPTIONS[i % len(STUDY_CAPTIONS)]})
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return folder

@@ -119,3 +119,45 @@ def test_an_empty_split_gives_an_empty_report_not_a_crash():
     result = audit_splits({"train": empty})
     assert result.to_json()["summary"]["train"]["rows"] == 0 and result.flagged() == []
     assert "no readable images" in render_report(result)
+
+
+# --------------------------------------------------------------------------- several images per row
+
+
+def test_audit_of_studies_counts_images_per_row_and_checks_every_image(tmp_path):
+    """Rows of 2-4 images, priors and a real DICOM series with planted patient data: the audit reads each row
+    as training does, counts images per row and series sizes, flags a row for any one bad image, and writes
+    nothing of the patient data."""
+    from tests.fixtures import files_with_sentinel, sentinel_hits, write_study_dataset
+
+    data = write_study_dataset(tmp_path / "studies")
+    extra = [
+        {"study": "missing_view", "images": ["images/ct.png", "images/gone.png"], "prior": None,
+         "caption": "Two views, one of them lost."},
+        {"study": "broken_view", "images": ["images/mr.png", "broken.png"], "prior": None,
+         "caption": "Two views, one of them damaged."},
+    ]
+    (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but the rest is not an image")
+    with (data / "train.jsonl").open("a") as handle:
+        handle.write("\n".join(json.dumps(row) for row in extra) + "\n")
+    out = tmp_path / "audit"
+    result = run_cli("-m", "radiology.audit", "--dataset_name", str(data), "--images_column", "images",
+                     "--prior_image_column", "prior", "--id_column", "study", "--output_dir", str(out))
+    report = json.loads((out / "audit.json").read_text())
+    train = report["summary"]["train"]
+    assert train["images_per_row"] == {"2": 2, "3": 1, "4": 2, "7": 1}  # readable rows only
+    assert train["rows_with_prior"] == 3 and train["series"]["count"] == 1 and train["series"]["slices"]["max"] == 7
+    assert train["images"] == 2 + 7 + 4 + 2 + 3 + 4 + 3  # every image of every readable row, priors included
+    reasons = {(row["split"], row["image_id"]): row["reasons"] for row in report["rows"]}
+    assert reasons[("train", "missing_view")][0] == "file not found"
+    assert reasons[("train", "broken_view")][0] == "unreadable image"
+    series_row = next(row for row in report["rows"] if row["image_id"] == "study_1" and row["split"] == "train")
+    assert (series_row["images"], series_row["prior"], series_row["series_slices"]) == (7, False, [7])
+    assert (series_row["width"], series_row["height"]) == (16, 16)
+    assert "train: images per row: 2 (2 rows), 3 (1 rows), 4 (2 rows), 7 (1 rows); 3 rows with a prior study; " \
+           "1 DICOM series" in result.stdout
+    page = (out / "report.html").read_text()
+    assert "images per row (current study)" in page and "DICOM series size (slices)" in page
+    assert "files not found" in page and "(image 1 of 2)" in page
+    assert not sentinel_hits(result.stdout, result.stderr)
+    assert not files_with_sentinel(out)

@@ -8,12 +8,19 @@ from collections import Counter
 from unittest.mock import patch
 
 import pytest
+from datasets import Dataset
 from hypothesis import given, settings, strategies as st
 from PIL import Image, ImageFilter
 
 from radiology import quality
 from radiology.config import parse_args
-from radiology.data import DatasetError, load_caption_dataset, load_caption_splits, prepare_caption_dataset
+from radiology.data import (
+    DatasetError,
+    canonical_columns,
+    load_caption_dataset,
+    load_caption_splits,
+    prepare_caption_dataset,
+)
 from radiology.quality import (
     MeasuredImages,
     QualityThresholds,
@@ -204,3 +211,57 @@ def test_train_cli_applies_the_filters_and_trains_with_context(audit_data, tiny_
     assert ("7 rows kept; dropped 5: 1 blurry image, 1 duplicate image, 1 empty caption, "
             "1 image also in test split, 1 unreadable image") in log
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- several images per row
+
+
+def test_a_missing_file_is_counted_as_file_not_found(tmp_path):
+    pictures = distinct_images()
+    rows = []
+    for name in ("ct", "mr", "us"):
+        (tmp_path / f"{name}.png").write_bytes(encode(pictures[name]))
+        rows.append({"image": str(tmp_path / f"{name}.png"), "caption": f"A {name} image of the chest."})
+    prepared = prepare_caption_dataset(Dataset.from_list(rows))
+    (tmp_path / "mr.png").unlink()  # gone between validation and the filters
+    result = filter_training_rows(prepared, QualityThresholds(min_sharpness=0))
+    assert result.dropped == {"file not found": 1}
+    assert result.dataset["image_id"] == ["0", "2"]
+
+
+def study_rows(pictures, studies):
+    return [{"image": [encode(pictures[name]) if isinstance(name, str) else name for name in names],
+             "caption": f"Study {i} shows a finding.", "image_id": f"s{i}"} for i, names in enumerate(studies)]
+
+
+def test_every_image_of_a_row_is_checked():
+    pictures = distinct_images()
+    blurred = encode(pictures["mr_overlay"].filter(ImageFilter.GaussianBlur(3)))
+    copy = encode(pictures["mr"].convert("RGB"), "JPEG")
+    studies = [
+        ["ct", "mr"],
+        ["us", blurred],  # its second image is blurry
+        ["us_palette", copy],  # its second image is the first study's second one, re-encoded
+        ["ct_rotated", "ct_rotated"],  # two copies within one row are not a duplicate row
+        ["mr_overlay_rotated", b"\x89PNG\r\n\x1a\n broken"],  # one unreadable image makes the row unreadable
+    ]
+    dataset = Dataset.from_list(study_rows(pictures, studies))
+    prepared = prepare_caption_dataset(dataset, images_column="image")
+    assert prepared.dropped == {"unreadable image": 1}
+    measured = measure_images(prepared.dataset)
+    assert measured.row == [0, 0, 1, 1, 2, 2, 3, 3] and len(measured) == 4
+    assert duplicate_groups(measured, range(4), quality.DEFAULT_NEAR_DUPLICATE_DISTANCE) == [[0, 2]]
+    result = filter_training_rows(prepared, QualityThresholds(min_sharpness=20), drop_duplicates=True)
+    gone = [i for i in prepared.dataset["image_id"] if i not in result.dataset["image_id"]]
+    assert gone == ["s1", "s2"]
+    assert result.dropped == Counter({"unreadable image": 1, "blurry image": 1, "duplicate image": 1})
+
+
+def test_a_study_sharing_one_image_with_a_held_out_study_is_dropped():
+    pictures = distinct_images()
+    train = prepare_caption_dataset(Dataset.from_list(study_rows(pictures, [["ct", "mr"], ["us", "us_palette"]])),
+                                    images_column="image")
+    test = Dataset.from_list(study_rows(pictures, [["mr_rotated", encode(pictures["us_palette"], "PNG")]]))
+    held_out = {"test": measure_images(canonical_columns(test, images_column="image"))}
+    result = filter_training_rows(train, QualityThresholds(), held_out=held_out)
+    assert result.dataset["image_id"] == ["s0"] and result.dropped == {"image also in test split": 1}
