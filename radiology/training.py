@@ -300,8 +300,12 @@ def build_trainer(
     eval_dataset: Dataset | None = None,
 ) -> SFTTrainer:
     processor = load_processor(model_args.model_name_or_path, script_args.processor_name_or_path)
+    collator = CaptionCollator(
+        processor, script_args.instruction, max_length=training_args.max_length, images=prepared.options
+    )
+    # Before the model loads: the largest row's image blocks must leave room for its caption.
+    collator.check_max_length(prepared.dataset, *([eval_dataset] if eval_dataset is not None else []))
     model = load_training_model(model_args)
-    collator = CaptionCollator(processor, script_args.instruction, max_length=training_args.max_length)
     trainer = SFTTrainer(
         model=model,
         args=training_args,

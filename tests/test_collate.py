@@ -91,3 +91,75 @@ def test_special_ids_come_from_the_processor(processor):
     assert ids.image == tok.image_token_id and ids.pad == tok.pad_token_id
     assert tok.convert_ids_to_tokens([ids.boi, ids.eoi, ids.end_of_turn]) == [
         "<start_of_image>", "<end_of_image>", "<end_of_turn>"]
+
+
+# --------------------------------------------------------------------------- several images and a prior
+
+
+def study_row(caption=CAPTION, context="Follow-up of a nodule."):
+    images = real_images()
+    return {"image": [{"bytes": encode(images[name]), "path": None} for name in ("ct_16bit", "mr_gray", "rgb")],
+            "prior": {"bytes": encode(images["palette"]), "path": None}, "caption": caption, "context": context,
+            "image_id": "s"}
+
+
+def test_a_study_with_a_prior_tokenizes_exactly_as_generation_feeds_the_model(processor):
+    """Three images and a prior in one user turn: the collator's prompt ids, image token types and pixels
+    equal what radiology.generate.build_inputs gives the model for the same study."""
+    images = real_images()
+    batch = CaptionCollator(processor, DEFAULT_INSTRUCTION)([study_row(), row()])
+    prompt = build_inputs(processor, [images["ct_16bit"], images["mr_gray"], images["rgb"]], DEFAULT_INSTRUCTION,
+                          "Follow-up of a nodule.", prior=images["palette"])
+    n = prompt["input_ids"].shape[1]
+    assert batch["input_ids"][0, :n].tolist() == prompt["input_ids"][0].tolist()
+    assert batch["token_type_ids"][0, :n].tolist() == prompt["token_type_ids"][0].tolist()
+    assert batch["pixel_values"].shape[0] == 4 + 1  # the study's prior and three images, then the second row's one
+    assert torch.allclose(batch["pixel_values"][:4], prompt["pixel_values"])  # the prior first
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    assert ids.count(processor.tokenizer.image_token_id) == 4 * processor.image_seq_length
+    assert ids.count(special_ids(processor).boi) == 4
+    caption_ids = processor.tokenizer(CAPTION, add_special_tokens=False)["input_ids"]
+    assert [label for label in labels if label != IGNORE_INDEX] == caption_ids + [special_ids(processor).end_of_turn]
+    # The second row keeps its own one-image prompt in the mixed batch.
+    alone = CaptionCollator(processor, DEFAULT_INSTRUCTION)([row()])
+    width = int(alone["attention_mask"][0].sum())
+    assert batch["input_ids"][1, :width].tolist() == alone["input_ids"][0, :width].tolist()
+
+
+def test_a_series_row_gives_one_image_block_per_sampled_slice(processor, tmp_path):
+    from radiology.data import ImageOptions
+    from radiology.series import load_series, render_series
+    from tests.fixtures import write_sentinel_series
+
+    folder = write_sentinel_series(tmp_path / "mr")
+    collator = CaptionCollator(processor, DEFAULT_INSTRUCTION, images=ImageOptions(max_images=4))
+    batch = collator([{"image": str(folder), "caption": CAPTION, "image_id": "x"}])
+    slices = render_series(load_series(folder), [0, 2, 4, 6])  # 4 of 7, evenly, first and last
+    prompt = build_inputs(processor, slices, DEFAULT_INSTRUCTION)
+    n = prompt["input_ids"].shape[1]
+    assert batch["input_ids"][0, :n].tolist() == prompt["input_ids"][0].tolist()
+    assert torch.allclose(batch["pixel_values"], prompt["pixel_values"])
+
+
+def test_max_length_is_checked_against_the_largest_study_before_training(processor):
+    from datasets import Dataset
+
+    from radiology.collate import PromptTooLongError
+    from radiology.data import ImageOptions
+
+    rows = Dataset.from_dict({"caption": ["Short.", "A longer caption of the largest study."],
+                              "image_count": [1, 8], "prior": [None, None]})
+    collator = CaptionCollator(processor, DEFAULT_INSTRUCTION, max_length=64, images=ImageOptions(max_images=8))
+    needed = collator.prompt_length(images=8)
+    assert needed == build_inputs(processor, [real_images()["rgb"]] * 8, DEFAULT_INSTRUCTION)["input_ids"].shape[1]
+    longest = len(processor.tokenizer("A longer caption of the largest study.", add_special_tokens=False)["input_ids"])
+    with pytest.raises(PromptTooLongError) as refused:
+        collator.check_max_length(rows)
+    assert str(refused.value).startswith(f"8 images need {needed}+ tokens")
+    assert (f"--max_length 64 is too short: raise it to at least {needed + longest + 1} (that prompt and the longest "
+            "caption) or lower --max_images (now 8)") in str(refused.value)
+    with_prior = Dataset.from_dict({"caption": ["x"], "image_count": [7], "prior": [b"an image"]})
+    with pytest.raises(PromptTooLongError, match=r"^8 images \(a prior study's and the current study's\)"):
+        collator.check_max_length(with_prior)
+    CaptionCollator(processor, DEFAULT_INSTRUCTION, max_length=needed + 1).check_max_length(rows)  # fits: no error
+    CaptionCollator(processor, DEFAULT_INSTRUCTION).check_max_length(rows)  # no --max_length: nothing to check

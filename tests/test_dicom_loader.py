@@ -68,12 +68,17 @@ def test_dicom_table_loads_collates_and_leaks_nothing(fmt, tmp_path, tiny_model_
     processor = load_processor(str(tiny_model_dir))
     rows = [prepared.dataset[i] for i in range(len(prepared.dataset))]
     batch = CaptionCollator(processor, DEFAULT_INSTRUCTION)(rows)
-    assert batch["pixel_values"].shape[0] == len(SOURCES)
+    # The 30-frame cine is a series: 8 evenly spaced frames (--max_images); every other file is one image.
+    counts = {Path(row["image"]).name: row["image_count"] for row in rows}
+    assert counts == {name: 8 if name == "us_cine.dcm" else 1 for name in SOURCES}
+    assert batch["pixel_values"].shape[0] == len(SOURCES) - 1 + 8
     assert (batch["labels"] != -100).any(dim=1).all()
     # The collator fed the model exactly the rendered DICOM (header window), not something else.
     ct_row = next(i for i, row in enumerate(rows) if row["image"].endswith("ct.dcm"))
-    expected = processor.image_processor([read_dicom_image(images / "ct.dcm").image], return_tensors="pt")["pixel_values"]
-    assert torch.equal(batch["pixel_values"][ct_row], expected[0])
+    ct_position = sum(row["image_count"] for row in rows[:ct_row])
+    ct_image = read_dicom_image(images / "ct.dcm").image
+    expected = processor.image_processor([ct_image], return_tensors="pt")["pixel_values"]
+    assert torch.equal(batch["pixel_values"][ct_position], expected[0])
 
     out = tmp_path / "out"
     prepared.dataset.save_to_disk(str(out / "prepared"))

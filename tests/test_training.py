@@ -229,3 +229,21 @@ def test_resuming_from_the_older_checkpoint_works_and_says_where_it_continued(ru
     assert train.main(tiny_args(tiny_model_dir, seed_data_dir, run_copy, "--resume_from_checkpoint", str(older))) == 0
     assert f"Resuming from {older} (saved at step 2)" in capsys.readouterr().err
     assert checkpoint_problem(run_copy / "checkpoint-4") is None  # saved again, whole
+
+
+def test_max_length_too_short_for_the_largest_study_stops_before_the_model_loads(tiny_model_dir, tmp_path, capsys,
+                                                                                 monkeypatch):
+    from tests.fixtures import write_study_dataset
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before --max_length was checked")
+
+    monkeypatch.setattr("radiology.training.load_training_model", must_not_load)
+    data = write_study_dataset(tmp_path / "studies")
+    code = train.main(tiny_args(tiny_model_dir, data, tmp_path / "out", "--images_column", "images",
+                                "--prior_image_column", "prior", "--id_column", "study", "--max_length", "120"))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    # The largest row is the MR series' 7 slices (165 prompt tokens on the tiny model).
+    assert "error: 7 images need 165+ tokens" in err
+    assert "--max_length 120 is too short: raise it to at least" in err and "or lower --max_images (now 8)" in err
