@@ -10,14 +10,18 @@ The options are EvalArguments, the dataset description shared with train.py and 
 (``radiology.data.DatasetArguments``) and radiology.generate's decoding flags. The split defaults to
 test; a dataset given as one file holds one split, scored whole and recorded as "whole file".
 
-Each model describes every image of the split (greedy and seeded by default, in left-padded
-batches); the captions are scored against the references (BLEU, ROUGE-L, CIDEr-D, length; see
-``radiology.metrics``) with bootstrap 95% intervals over images, and model - baseline with a paired
-bootstrap interval. OUTPUT_DIR receives:
+Each model describes every row of the split (greedy and seeded by default, in left-padded
+batches): one image, or a study's several (several image columns, --images_column, a DICOM series'
+sampled slices) with a prior study's image first when --prior_image_column gives one, read by
+``radiology.data.row_images`` as training reads them. The captions are scored against the references
+(BLEU, ROUGE-L, CIDEr-D, length; see ``radiology.metrics``) with bootstrap 95% intervals over rows,
+and model - baseline with a paired bootstrap interval. OUTPUT_DIR receives:
 
 - metrics.json: corpus metrics per model, their difference, and everything needed to reproduce them;
-- predictions.jsonl: one row per image (id, reference, each model's text or error, per-image scores);
-- report.html: one self-contained page (summary table, per-image differences, examples with images).
+- predictions.jsonl: one line per row (id, reference, images in the prompt, each model's text or error,
+  per-row scores);
+- report.html: one self-contained page (summary table, per-row differences, examples with the strip of
+  images each answer was made from).
 
 A model that fails on one image records the error in that image's row and goes on; images where a
 model failed are left out of every model's scores, so that both are scored on the same images.
@@ -44,15 +48,18 @@ from radiology.data import (
     CAPTION,
     CONTEXT,
     DEFAULT_INSTRUCTION,
-    IMAGE,
     IMAGE_ID,
     WHOLE_FILE,
     DatasetArguments,
     DatasetError,
+    ImageOptions,
     PreparedDataset,
-    decode_image,
+    RowImages,
+    has_prior,
+    image_counts,
     is_single_file,
     refuse_control_tokens,
+    row_images,
 )
 from radiology.generate import (
     GenerationSettings,
@@ -71,7 +78,7 @@ from radiology.metrics import (
     paired_difference,
     score_samples,
 )
-from radiology.report import select_examples, thumbnail_data_uri, write_report
+from radiology.report import Thumbnail, select_examples, strip_thumbnails, write_report
 
 __all__ = [
     "BASELINE",
@@ -130,7 +137,7 @@ class EvalArguments:
         },
     )
     max_samples: int | None = field(default=None, metadata={"help": "Score only the first N rows."})
-    batch_size: int = field(default=8, metadata={"help": "Images per generate call (left padded)."})
+    batch_size: int = field(default=8, metadata={"help": "Rows (prompts) per generate call (left padded)."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an earlier evaluation there."})
     bootstrap_resamples: int = field(default=1000, metadata={"help": "Bootstrap resamples for the intervals."})
     confidence: float = field(default=0.95, metadata={"help": "Confidence level of the intervals."})
@@ -241,36 +248,43 @@ def _describe_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
+def _generate(loaded: LoadedModel, studies: list[RowImages], contexts: list[str | None], instruction: str,
+              settings: GenerationSettings) -> list[str]:
+    return generate_batch(loaded, [study.images for study in studies], instruction, settings, contexts,
+                          priors=[study.prior for study in studies])
+
+
 def _predict_batch(
     loaded: LoadedModel,
-    images: list[Any],
-    contexts: list[str | None],
+    rows: list[dict[str, Any]],
     instruction: str,
     settings: GenerationSettings,
+    options: ImageOptions,
 ) -> list[Prediction]:
-    results: list[Prediction | None] = [None] * len(images)
-    pictures, positions = [], []
-    for i, value in enumerate(images):
+    results: list[Prediction | None] = [None] * len(rows)
+    studies, positions = [], []
+    for i, row in enumerate(rows):
         try:
-            pictures.append(decode_image(value))
+            studies.append(row_images(row, options))  # the images training read for this row, in order
             positions.append(i)
         except Exception as err:  # e.g. an image file removed since validation
             results[i] = Prediction(None, _describe_error(err))
+    contexts = [rows[i].get(CONTEXT) for i in positions]
     try:
-        texts = generate_batch(loaded, pictures, instruction, settings, [contexts[i] for i in positions])
+        texts = _generate(loaded, studies, contexts, instruction, settings)
         for i, text in zip(positions, texts):
             results[i] = Prediction(text)
     except Exception as err:
         if len(positions) == 1:
             results[positions[0]] = Prediction(None, _describe_error(err))
         else:
-            # One bad image (or memory for the whole batch) must not cost the others their answer.
-            logger.warning("batch failed (%s); retrying its %d images one at a time", err, len(positions))
+            # One bad row (or memory for the whole batch) must not cost the others their answer.
+            logger.warning("batch failed (%s); retrying its %d rows one at a time", err, len(positions))
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # after an out-of-memory error, free the batch's leftovers first
-            for i, picture in zip(positions, pictures):
+            for i, study, context in zip(positions, studies, contexts):
                 try:
-                    results[i] = Prediction(generate_batch(loaded, [picture], instruction, settings, [contexts[i]])[0])
+                    results[i] = Prediction(_generate(loaded, [study], [context], instruction, settings)[0])
                 except Exception as single_err:
                     results[i] = Prediction(None, _describe_error(single_err))
     return [r if r is not None else Prediction(None, "no result") for r in results]
@@ -283,17 +297,19 @@ def predict(
     settings: GenerationSettings | None = None,
     batch_size: int = 8,
     desc: str = "Generating",
+    options: ImageOptions | None = None,
 ) -> list[Prediction]:
-    """One Prediction per dataset row, in order; a row that fails gets its error, and the rest go on."""
+    """One Prediction per dataset row (canonical columns), in order; a row that fails gets its error, and the
+    rest go on. ``options``: how the rows' images are read (--max_images, --series_window), as in training."""
     settings = settings or GenerationSettings(max_new_tokens=EVAL_MAX_NEW_TOKENS, seed=0)
-    has_context = CONTEXT in dataset.column_names
+    options = options or ImageOptions()
     results: list[Prediction] = []
-    with tqdm(total=len(dataset), desc=desc, unit="image") as bar:
+    with tqdm(total=len(dataset), desc=desc, unit="row") as bar:
         for start in range(0, len(dataset), batch_size):
-            rows = dataset[start : start + batch_size]
-            contexts = rows[CONTEXT] if has_context else [None] * len(rows[IMAGE])
-            batch = _predict_batch(loaded, rows[IMAGE], contexts, instruction, settings)
-            for image_id, prediction in zip(rows[IMAGE_ID], batch):
+            columns = dataset[start : start + batch_size]
+            rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+            batch = _predict_batch(loaded, rows, instruction, settings, options)
+            for image_id, prediction in zip((row[IMAGE_ID] for row in rows), batch):
                 if prediction.error:
                     logger.warning("%s: %s failed: %s", desc, image_id, prediction.error)
             results.extend(batch)
@@ -327,7 +343,8 @@ def _generate_all(config: EvalConfig, dataset: Dataset) -> tuple[dict[str, list[
         ) as loaded:
             started = time.perf_counter()
             predictions[role] = predict(
-                loaded, dataset, config.instruction, config.settings, args.batch_size, desc=f"Generating ({role})"
+                loaded, dataset, config.instruction, config.settings, args.batch_size, desc=f"Generating ({role})",
+                options=config.data.image_options(),
             )
             seconds = time.perf_counter() - started
             info[role] = {
@@ -432,11 +449,15 @@ def _prediction_rows(
     position = {row: i for i, row in enumerate(scored)}
     has_context = CONTEXT in dataset.column_names
     columns = dataset.select_columns([IMAGE_ID, CAPTION] + ([CONTEXT] if has_context else []))
+    counts, priors = image_counts(dataset), has_prior(dataset)
     rows = []
     for index, record in enumerate(columns):
         row: dict[str, Any] = {"index": index, "image_id": record[IMAGE_ID], "reference": record[CAPTION]}
         if has_context:
             row["context"] = record[CONTEXT]
+        # The images in the prompt: the current study's (a series counted as its sampled slices), and a prior.
+        row["images"] = counts[index]
+        row["prior"] = priors[index]
         row["scored"] = index in position
         for role, role_predictions in predictions.items():
             prediction = role_predictions[index]
@@ -459,11 +480,13 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _example_thumbnails(dataset: Dataset, rows: list[int]) -> dict[int, str]:
+def _example_thumbnails(dataset: Dataset, rows: list[int], options: ImageOptions) -> dict[int, list[Thumbnail]]:
+    """Each example row's images, as the models got them, as a strip of thumbnails (the prior first, marked)."""
     thumbnails = {}
     for index in rows:
         try:
-            thumbnails[index] = thumbnail_data_uri(decode_image(dataset[index][IMAGE]))
+            study = row_images(dataset[index], options)
+            thumbnails[index] = strip_thumbnails(study.images, study.prior)
         except Exception as err:  # the report still shows the texts
             logger.warning("no thumbnail for row %d: %s", index, err)
     return thumbnails
@@ -506,7 +529,9 @@ def run_evaluation(config: EvalConfig) -> EvalOutcome:
         name: [scored[i] for i in positions]
         for name, positions in select_examples(ranking, args.examples, config.seed).items()
     }
-    thumbnails = _example_thumbnails(dataset, sorted({i for group in groups.values() for i in group}))
+    thumbnails = _example_thumbnails(
+        dataset, sorted({i for group in groups.values() for i in group}), config.data.image_options()
+    )
     write_report(output_dir / "report.html", metrics, rows, groups, thumbnails, args.rank_metric)
     return EvalOutcome(output_dir=output_dir, metrics=metrics, predictions=rows)
 

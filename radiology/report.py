@@ -4,7 +4,9 @@
 
 ``radiology.evaluate`` calls this. The page loads nothing from anywhere: CSS inline, plots as
 inline SVG, images as downscaled base64 JPEG, so it can be mailed or archived as one file. Every
-piece of text (captions, model output, ids, paths) is HTML-escaped.
+piece of text (captions, model output, ids, paths) is HTML-escaped. Each example shows the images its
+answer was made from: one image large, several as a strip of small thumbnails in prompt order, a
+prior study's first and marked.
 """
 
 from __future__ import annotations
@@ -13,15 +15,26 @@ import base64
 import html
 import io
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["THUMBNAIL_SIDE", "render_report", "select_examples", "thumbnail_data_uri", "write_report"]
+__all__ = [
+    "STRIP_SIDE",
+    "THUMBNAIL_SIDE",
+    "Thumbnail",
+    "render_report",
+    "select_examples",
+    "strip_thumbnails",
+    "thumbnail_data_uri",
+    "write_report",
+]
 
 THUMBNAIL_SIDE = 256  # px; large enough to recognise the study, small enough for hundreds in one file
+STRIP_SIDE = 128  # px; each image of a several-image prompt (shown at 80 px, sharp on dense screens)
 _PER_IMAGE = {"bleu": ("BLEU", 1), "rouge_l": ("ROUGE-L F", 3), "cider_d": ("CIDEr-D", 3)}
 _DIGITS = {"bleu": 2, "rouge_l": 3, "cider_d": 3, "length_ratio": 3}
 
@@ -36,6 +49,11 @@ td.better{background:#e3f4e6}td.worse{background:#fbe4e4}.note{color:#566074;fon
 .example{display:flex;gap:1rem;border:1px solid #d5d9e0;border-radius:6px;padding:.75rem;margin:.75rem 0}
 .example img{width:256px;height:256px;object-fit:contain;background:#000;flex:none}
 .example dl{margin:0}.example dt{font-weight:600;margin-top:.3rem}.example dd{margin:0 0 0 .5rem;white-space:pre-wrap}
+.strip{display:flex;flex-wrap:wrap;align-content:flex-start;gap:5px;width:256px;flex:none}
+.strip figure{margin:0;font-size:.75rem;text-align:center;color:#566074}
+.strip img{width:80px;height:80px;display:block}
+.strip figure.prior img{outline:3px solid #c77c00;outline-offset:-3px}
+.strip figure.prior figcaption{color:#8a4b00;font-weight:600}
 .error{color:#a11}
 """
 
@@ -66,6 +84,45 @@ def thumbnail_data_uri(image: Image.Image, max_side: int = THUMBNAIL_SIDE) -> st
     buffer = io.BytesIO()
     small.save(buffer, format="JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+@dataclass(frozen=True)
+class Thumbnail:
+    """One image an answer was made from, as shown in the report."""
+
+    uri: str  # base64 JPEG data URI
+    label: str  # "prior study", or the image's place in the current study ("1", "2", ...)
+    prior: bool = False
+
+
+def strip_thumbnails(images: Sequence[Image.Image], prior: Image.Image | None = None) -> list[Thumbnail]:
+    """The images of one prompt in order, the prior study's first: one image at THUMBNAIL_SIDE, several at
+    STRIP_SIDE each."""
+    side = STRIP_SIDE if len(images) + (prior is not None) > 1 else THUMBNAIL_SIDE
+    strip = [Thumbnail(thumbnail_data_uri(prior, side), "prior study", prior=True)] if prior is not None else []
+    return strip + [Thumbnail(thumbnail_data_uri(image, side), str(k)) for k, image in enumerate(images, start=1)]
+
+
+def _pictures(image_id: Any, strip: Sequence[Thumbnail] | None) -> str:
+    """One image large, or the strip of a prompt's several (the prior marked)."""
+    if not strip:
+        return ""
+    if len(strip) == 1 and not strip[0].prior:
+        return f"<img alt='{_esc(image_id)}' src='{_esc(strip[0].uri)}'>"
+    figures = "".join(
+        f"<figure class={'prior' if t.prior else 'current'}><img alt='{_esc(t.label)}' src='{_esc(t.uri)}'>"
+        f"<figcaption>{_esc(t.label)}</figcaption></figure>"
+        for t in strip
+    )
+    return f"<div class=strip role=group aria-label='the images in the prompt, in order'>{figures}</div>"
+
+
+def _images_note(row: Mapping[str, Any]) -> str:
+    images, prior = row.get("images", 1), row.get("prior", False)
+    if images <= 1 and not prior:
+        return ""
+    text = f"{images} of the current study" + (", after a prior study's image" if prior else "")
+    return f"<dt>Images</dt><dd>{_esc(text)}</dd>"
 
 
 def _interval_text(entry: Mapping[str, Any] | None, digits: int, signed: bool = False) -> str:
@@ -167,7 +224,11 @@ def _answer(entry: Mapping[str, Any] | None) -> str:
 
 
 def _examples(
-    rows: Sequence[Mapping[str, Any]], groups: Mapping[str, Sequence[int]], thumbnails: Mapping[int, str], rank_metric: str, paired: bool
+    rows: Sequence[Mapping[str, Any]],
+    groups: Mapping[str, Sequence[int]],
+    thumbnails: Mapping[int, Sequence[Thumbnail]],
+    rank_metric: str,
+    paired: bool,
 ) -> str:
     label = _PER_IMAGE[rank_metric][0]
     by = f"{label}, model − baseline" if paired else f"{label} of the model"
@@ -179,13 +240,12 @@ def _examples(
         parts.append(f"<h3>{_esc(titles.get(group, group))}</h3>")
         for index in indices:
             row = rows[index]
-            image = thumbnails.get(index)
-            picture = f"<img alt='{_esc(row['image_id'])}' src='{_esc(image)}'>" if image else ""
+            picture = _pictures(row["image_id"], thumbnails.get(index))
             context = f"<dt>Clinical context</dt><dd>{_esc(row['context'])}</dd>" if row.get("context") else ""
             baseline = f"<dt>Baseline</dt><dd>{_answer(row.get('baseline'))}</dd>" if "baseline" in row else ""
             parts.append(
                 f"<article class=example data-group='{_esc(group)}'>{picture}<dl>"
-                f"<dt>Image</dt><dd>{_esc(row['image_id'])}</dd>{context}"
+                f"<dt>Image</dt><dd>{_esc(row['image_id'])}</dd>{_images_note(row)}{context}"
                 f"<dt>Reference</dt><dd>{_esc(row['reference'])}</dd>"
                 f"<dt>Model</dt><dd>{_answer(row.get('model'))}</dd>{baseline}</dl></article>"
             )
@@ -199,10 +259,11 @@ def render_report(
     metrics: Mapping[str, Any],
     rows: Sequence[Mapping[str, Any]],
     groups: Mapping[str, Sequence[int]],
-    thumbnails: Mapping[int, str],
+    thumbnails: Mapping[int, Sequence[Thumbnail]],
     rank_metric: str = "rouge_l",
 ) -> str:
-    """The whole page as a string; ``groups`` maps best/worst/random to row indices."""
+    """The whole page as a string; ``groups`` maps best/worst/random to row indices, ``thumbnails`` each shown
+    row to the images its answer was made from (see strip_thumbnails)."""
     models = metrics["models"]
     paired = bool(metrics.get("difference"))
     title = f"Evaluation of {models['model']['name']}"
@@ -215,7 +276,7 @@ def render_report(
         f"{role}: {info['images_per_second']} images/s on {info['device']} ({info['precision']})" for role, info in models.items()
     )
     intro = (
-        f"<p>{_esc(data['name'])}, split <b>{_esc(data['split'])}</b>: {data['scored']} images scored of "
+        f"<p>{_esc(data['name'])}, split <b>{_esc(data['split'])}</b>: {data['scored']} rows scored of "
         f"{data['rows']} (dropped as unusable: {_esc(dropped)}; failed generations: {_esc(errors)}). "
         f"Reference captions average {data['reference_mean_words']} words.</p>"
         f"<p class=note>Generation: {_esc(metrics['generation']['described'])}, batches of "
@@ -245,7 +306,7 @@ def write_report(
     metrics: Mapping[str, Any],
     rows: Sequence[Mapping[str, Any]],
     groups: Mapping[str, Sequence[int]],
-    thumbnails: Mapping[int, str],
+    thumbnails: Mapping[int, Sequence[Thumbnail]],
     rank_metric: str = "rouge_l",
 ) -> Path:
     """Render the report and write it to ``path``; returns the path."""

@@ -178,7 +178,9 @@ def _poisoned_generate(monkeypatch, fail_on_size, only_for: str | None = None):
 
     def generate(loaded, images, *args, **kwargs):
         calls.append(len(images))
-        if (only_for is None or loaded.model.name_or_path == only_for) and any(i.size == fail_on_size for i in images):
+        pictures = [i for study in images for i in study]  # each prompt's study: a list of images
+        failing = only_for is None or loaded.model.name_or_path == only_for
+        if failing and any(i.size == fail_on_size for i in pictures):
             raise RuntimeError("simulated failure")
         return real(loaded, images, *args, **kwargs)
 
@@ -222,7 +224,8 @@ EVERY_FLAG = [
     "--model", "m", "--adapter", "a", "--baseline", "b", "--load_in_4bit", "--processor_name_or_path", "p",
     "--device", "cpu", "--dataset_name", "d/x", "--dataset_config", "c", "--split", "validation",
     "--max_samples", "5", "--image_column", "scan", "--caption_column", "findings", "--id_column", "study",
-    "--context_column", "history", "--instruction", "Describe.", "--max_new_tokens", "9", "--do_sample",
+    "--context_column", "history", "--prior_image_column", "before", "--max_images", "4", "--series_window", "multi",
+    "--instruction", "Describe.", "--max_new_tokens", "9", "--do_sample",
     "--temperature", "0.5", "--top_p", "0.9", "--top_k", "7", "--seed", "3", "--batch_size", "2", "--output_dir", "o",
     "--overwrite_output_dir", "--bootstrap_resamples", "50", "--confidence", "0.9", "--examples", "1",
     "--rank_metric", "bleu",
@@ -237,7 +240,8 @@ def test_every_documented_flag_still_parses():
         bootstrap_resamples=50, confidence=0.9, examples=1, rank_metric="bleu",
     )
     assert config.data == DatasetArguments(dataset_name="d/x", dataset_config="c", image_column="scan",
-                                           caption_column="findings", id_column="study", context_column="history")
+                                           caption_column="findings", id_column="study", context_column="history",
+                                           prior_image_column="before", max_images=4, series_window="multi")
     assert config.settings == GenerationSettings(max_new_tokens=9, do_sample=True, temperature=0.5, top_p=0.9,
                                                  top_k=7, seed=3)
     assert (config.instruction, config.split, config.seed) == ("Describe.", "validation", 3)
@@ -280,3 +284,47 @@ def test_an_unknown_hub_dataset_offline_is_a_clear_error(tmp_path, tiny_model_di
                  "--output_dir", str(tmp_path / "eval")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: dataset someone/not-a-dataset") and "HF_HUB_OFFLINE" in err
+
+
+# --------------------------------------------------------------------------- studies: several images per row
+
+
+def test_studies_are_scored_on_their_images_and_shown_as_strips(tmp_path, tiny_model_dir, caplog):
+    """Rows of 2-4 images, priors and a real DICOM series (with planted patient data): each answer is the one
+    generate_batch gives for the row's images and prior; predictions.jsonl counts them; the report shows the
+    images of each answer in order, the prior first and marked; no patient data in any output or log."""
+    import logging
+    import re
+
+    from radiology.data import row_images
+    from radiology.generate import generate_batch, load_for_generation
+    from tests.fixtures import files_with_sentinel, sentinel_hits, write_study_dataset
+
+    caplog.set_level(logging.INFO)
+    data = write_study_dataset(tmp_path / "studies")
+    config = EvalConfig(
+        args=EvalArguments(model=str(tiny_model_dir), output_dir=str(tmp_path / "eval"), device="cpu",
+                           bootstrap_resamples=50, batch_size=4, examples=2),
+        data=DatasetArguments(dataset_name=str(data), images_column="images", prior_image_column="prior",
+                              id_column="study"),
+        settings=GenerationSettings(max_new_tokens=5, seed=0),
+    )
+    run_evaluation(config)
+    metrics, rows, report = _read(tmp_path / "eval")
+    assert [(row["image_id"], row["images"], row["prior"]) for row in rows] == [
+        ("study_0", 2, True), ("study_1", 7, False), ("study_2", 4, True), ("study_3", 2, False)]
+    assert metrics["dataset"]["scored"] == 4 and metrics["dataset"]["columns"]["images_column"] == "images"
+    prepared = config.data.prepare(config.data.load("test"))
+    studies = [row_images(record, prepared.options) for record in prepared.dataset]
+    with load_for_generation(str(tiny_model_dir), device="cpu") as loaded:
+        expected = generate_batch(loaded, [s.images for s in studies], config.instruction, config.settings,
+                                  priors=[s.prior for s in studies])
+    assert [row["model"]["text"] for row in rows] == expected
+    # 2 best and 2 worst of 4: every row once, each with its strip of thumbnails.
+    strips = re.findall(r"<div class=strip [^>]*>(.*?)</div>", report)
+    assert sorted(s.count("src='data:image/jpeg;base64,") for s in strips) == [2, 3, 5, 7]
+    with_prior = [s for s in strips if "class=prior" in s]
+    assert len(with_prior) == 2 and all(s.startswith("<figure class=prior>") and s.count("class=prior") == 1
+                                        for s in with_prior)
+    assert "4 of the current study, after a prior study&#x27;s image" in report
+    assert not sentinel_hits(caplog.text) and not files_with_sentinel(tmp_path / "eval")

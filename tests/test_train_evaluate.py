@@ -100,3 +100,33 @@ def test_train_evaluate_refuses_a_single_file_before_training(tmp_path, tiny_mod
 def test_evaluation_flags_must_be_positive(flag):
     with pytest.raises(ValueError, match=f"{flag} must be at least 1"):
         _parse(flag, "0")
+
+
+def test_train_on_studies_saves_merges_and_evaluates_with_image_strips(tmp_path, tiny_model_dir):
+    """train.py end to end on rows of 2-4 real images, priors, and a real DICOM series folder (MR700, 7 slices,
+    planted patient data) in the list column: it trains, saves, merges and evaluates; the log counts images per
+    row; the report shows each answer's images; no patient data anywhere in the output or the log."""
+    import re
+
+    from tests.fixtures import files_with_sentinel, sentinel_hits, write_study_dataset
+
+    data = write_study_dataset(tmp_path / "studies")
+    out = tmp_path / "run"
+    result = run_cli("train.py", "--config", "recipes/tiny-cpu.yaml", "--model_name_or_path", str(tiny_model_dir),
+                     "--dataset_name", str(data), "--images_column", "images", "--prior_image_column", "prior",
+                     "--id_column", "study", "--output_dir", str(out), "--max_steps", "2", "--save_strategy", "no",
+                     "--evaluate", "--eval_max_new_tokens", "6", "--eval_batch_size", "2")
+    log = result.stderr
+    assert ("Images: images per row: 2 (2 rows), 3 (1 row), 4 (2 rows), 7 (1 row); 3 row(s) with a prior study; "
+            "1 DICOM series of 7 slices, each sampled to at most 8 images (--max_images)") in log
+    assert (out / "adapter_model.safetensors").is_file() and (out / "merged" / "config.json").is_file()
+    assert f"evaluation: {out / 'eval' / 'report.html'}" in result.stdout
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    rows = [json.loads(line) for line in (out / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [(row["images"], row["prior"]) for row in rows] == [(2, True), (7, False), (4, True), (2, False)]
+    assert metrics["dataset"]["scored"] == 4 and metrics["models"]["model"]["source"] == str(out / "merged")
+    report = (out / "eval" / "report.html").read_text()
+    strips = re.findall(r"<div class=strip [^>]*>(.*?)</div>", report)
+    assert sorted(s.count("src='data:image/jpeg;base64,") for s in strips) == [2, 3, 5, 7]
+    assert not sentinel_hits(result.stdout, result.stderr)
+    assert not files_with_sentinel(out)
