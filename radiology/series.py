@@ -69,6 +69,7 @@ from radiology.dicom import (
 )
 
 __all__ = [
+    "ALL_WINDOWS",
     "DEFAULT_MAX_IMAGES",
     "MixedSeriesError",
     "MultipleSeriesError",
@@ -91,6 +92,8 @@ __all__ = [
 ]
 
 DEFAULT_MAX_IMAGES = 8  # 8 x 256 image tokens: a series fits one prompt next to the instruction
+# Every named window: radiology.dicom's single-channel ones, then multi (three CT windows in R, G, B).
+ALL_WINDOWS: tuple[str, ...] = (*WINDOW_CHOICES, MULTI_WINDOW)
 
 # A member/file source: a path, or the bytes of an upload.
 SourceItem = Union[str, os.PathLike, bytes, bytearray, memoryview]
@@ -1005,7 +1008,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--series", type=int, default=None, help="1-based series number when the input holds several")
     parser.add_argument("--max_images", type=int, default=DEFAULT_MAX_IMAGES, help="slices to send (default: %(default)s)")
     parser.add_argument("--slices", type=parse_slice_range, default=None, help="1-based slice range A-B to sample from")
-    windows = ", ".join((*WINDOW_CHOICES, MULTI_WINDOW))
+    windows = ", ".join(ALL_WINDOWS)
     parser.add_argument("--window", default=None, help=f"one of {windows} (default: multi for CT, else header)")
     parser.add_argument("--out", default=None, help="folder to write the PNGs to")
     defaults = SeriesLimits()
