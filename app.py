@@ -255,14 +255,22 @@ class StudyControls:
     last_slice: int | None = None
 
 
+def _slice_number(value: object, control: str, empty: str) -> int | None:
+    # The page's number box sends 0 while it is empty (Gradio fills an empty number with 0 on
+    # loading); no slice is numbered 0, so 0 means empty too.
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
+        return None
+    return read_number(value, control, 1, whole=True, empty=empty)
+
+
 def read_study_controls(series: object, max_images: object, first_slice: object, last_slice: object) -> StudyControls:
     """The Series, Max images, First slice and Last slice controls' values as a request sent them."""
     chosen = read_number(max_images, "Max images", 1, MAX_STUDY_IMAGES, whole=True, empty=f"{DEFAULT_MAX_IMAGES}")
     return StudyControls(
         series=read_number(series, "Series", 1, whole=True, empty="the only series"),
         max_images=DEFAULT_MAX_IMAGES if chosen is None else chosen,
-        first_slice=read_number(first_slice, "First slice", 1, whole=True, empty="the series' first slice"),
-        last_slice=read_number(last_slice, "Last slice", 1, whole=True, empty="the series' last slice"),
+        first_slice=_slice_number(first_slice, "First slice", "the series' first slice"),
+        last_slice=_slice_number(last_slice, "Last slice", "the series' last slice"),
     )
 
 
@@ -655,12 +663,12 @@ def _input_panel() -> InputPanel:
     dicom_summary = gr.Markdown(visible=False, elem_id="dicom-attributes")
     with gr.Accordion("Study: images sent, prior study", open=True):
         with gr.Row():
-            max_images = gr.Slider(1, MAX_STUDY_IMAGES, value=DEFAULT_MAX_IMAGES, step=1,
-                                   label="Max images (a series is sampled evenly, first and last slice included)",
-                                   elem_id="max-images")
-            first_slice = gr.Number(value=None, precision=0, minimum=1, label="First slice (empty: 1)",
+            max_images = gr.Slider(1, MAX_STUDY_IMAGES, value=DEFAULT_MAX_IMAGES, step=1, label="Max images",
+                                   info="a series is sampled evenly, first and last slice included",
+                                   elem_id="max-images", scale=2)
+            first_slice = gr.Number(value=None, precision=0, label="First slice (empty: 1)",
                                     elem_id="first-slice")
-            last_slice = gr.Number(value=None, precision=0, minimum=1, label="Last slice (empty: the last)",
+            last_slice = gr.Number(value=None, precision=0, label="Last slice (empty: the last)",
                                    elem_id="last-slice")
         prior = gr.File(label="Prior study (optional): one earlier image or DICOM file, placed first for comparison",
                         file_count="single", file_types=list(UPLOAD_SUFFIXES), type="filepath", elem_id="prior")
