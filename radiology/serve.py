@@ -65,11 +65,10 @@ from radiology.series import (
     ALL_WINDOWS,
     DEFAULT_MAX_IMAGES,
     MultipleSeriesError,
+    NoSlicesError,
     Series,
-    SeriesError,
     SeriesLimits,
     describe_indices,
-    list_series,
     load_series,
     read_series_slices,
     sample_indices,
@@ -463,14 +462,37 @@ def _open_series(source: str | list[str], series: int | None, limits: SeriesLimi
     try:
         return load_series(source, series, limits=limits)
     except MultipleSeriesError as err:
-        choices = [(c.number, c.line().split(": ", 1)[1]) for c in err.choices]
-        listing = "; ".join(f"{number}: {line}" for number, line in choices)
-        raise SeriesChoiceError(f"This upload holds {len(choices)} DICOM series; choose one under Series "
-                                f"(series= in the API): {listing}.", choices) from None
+        raise _choice_error(err) from None
     except DicomOptionError as err:  # a series number that is not there
         raise UploadOptionError(_sentence(str(err))) from None
     except DicomError as err:
         raise UploadError(_sentence(str(err))) from None
+
+
+def _choice_error(err: MultipleSeriesError) -> SeriesChoiceError:
+    choices = [(c.number, c.line().split(": ", 1)[1]) for c in err.choices]
+    listing = "; ".join(f"{number}: {line}" for number, line in choices)
+    return SeriesChoiceError(f"This upload holds {len(choices)} DICOM series; choose one under Series (series= in "
+                             f"the API): {listing}.", choices)
+
+
+def _grouped_series(paths: list[str], series: int | None, limits: SeriesLimits) -> Series | None:
+    """The DICOM files of an upload of several files as one series; None where they are single
+    images of different series (views, e.g. a PA and a lateral film) or no DICOM image at all (each
+    file's own reading then says what is wrong with it), and no series was chosen."""
+    try:
+        found = load_series(paths, series, limits=limits)  # headers only
+    except MultipleSeriesError as err:
+        if all(choice.slices == 1 for choice in err.choices):
+            return None
+        raise _choice_error(err) from None
+    except NoSlicesError:
+        return None
+    except DicomOptionError as err:
+        raise UploadOptionError(_sentence(str(err))) from None
+    except DicomError as err:
+        raise UploadError(_sentence(str(err))) from None
+    return found if len(found) > 1 or series is not None else None
 
 
 def _slice_span(first: int | None, last: int | None, total: int) -> tuple[int, int]:
@@ -600,7 +622,8 @@ def load_study(
         raise UploadError(f"No image: upload a {_UPLOAD_NAMES} file (or several, or a DICOM series as a .zip) first.")
     _check_study_files(paths, prior, limits)
     suffixes = [Path(p).suffix.lower() for p in paths]
-    if ".zip" in suffixes or any(_head(p)[:4] in _ZIP_MAGIC for p in paths):
+    heads = [_head(p) for p in paths]
+    if ".zip" in suffixes or any(head[:4] in _ZIP_MAGIC for head in heads):
         if len(paths) > 1:
             raise UploadError("Upload a .zip alone (one DICOM series, or a study to choose a series from), or the "
                               "files themselves, not both.")
@@ -614,17 +637,13 @@ def load_study(
         else:
             study = _single_study(shown, window or HEADER_WINDOW)
     else:
-        dicom = [p for p, suffix in zip(paths, suffixes) if _is_dicom(suffix, _head(p))]
-        try:
-            found = list_series(dicom, limits=limits) if dicom else []  # headers only
-        except DicomError as err:
-            raise UploadError(_sentence(str(err))) from None
-        if any(s.slices > 1 for s in found):
+        dicom = [p for p, suffix, head in zip(paths, suffixes, heads) if _is_dicom(suffix, head)]
+        grouped = _grouped_series(dicom, series, limits) if dicom else None
+        if grouped is not None:
             if len(dicom) < len(paths):
                 raise UploadError("This upload mixes a DICOM series with other images: upload the series alone (its "
                                   "files or a .zip), and an earlier study as the prior.")
-            study = _series_study(_open_series(dicom, series, limits), window, max_images, first_slice, last_slice,
-                                  render)
+            study = _series_study(grouped, window, max_images, first_slice, last_slice, render)
         else:
             study = _views_study(paths, window, max_images)
     if prior is None:

@@ -242,3 +242,16 @@ def test_burned_in_annotation_in_any_file_of_a_series_shows_the_warning(app_serv
     archive = zipped(tmp_path / "mr.zip", (tmp_path / "mr", ""))
     _, warning, *_ = app_server.client().predict(handle_file(str(archive)), "auto", api_name="/preview")
     assert visible(warning) and BURNED_IN_WARNING in value(warning)
+
+
+def test_single_dicom_images_of_different_series_are_views_in_upload_order(tmp_path):
+    ct = write_sentinel_dicom(tmp_path, "ct.dcm")
+    mr = write_sentinel_dicom(tmp_path, "mr.dcm", source="MR_small.dcm")
+    study = load_study([str(mr), str(ct)])  # e.g. a PA and a lateral film, each its own series
+    assert study.kind == "views" and study.describe() == "images: 2" and study.sent == (0, 1)
+    assert same(study.images[0], read_dicom_image(mr).image) and same(study.images[1], read_dicom_image(ct).image)
+    fake = tmp_path / "notes.dcm"
+    fake.write_text("Findings: none. This is a text file.\n" * 10)
+    with pytest.raises(UploadError, match=r"^File 2 of 2: the file is named \.dcm but is not DICOM") as refused:
+        load_study([str(ct), str(fake)])
+    assert not sentinel_hits(str(refused.value))
