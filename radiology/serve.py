@@ -64,6 +64,7 @@ from radiology.images import ImageDecodeError
 from radiology.series import (
     ALL_WINDOWS,
     DEFAULT_MAX_IMAGES,
+    MixedSeriesError,
     MultipleSeriesError,
     NoSlicesError,
     Series,
@@ -476,10 +477,12 @@ def _choice_error(err: MultipleSeriesError) -> SeriesChoiceError:
                              f"the API): {listing}.", choices)
 
 
-def _grouped_series(paths: list[str], series: int | None, limits: SeriesLimits) -> Series | None:
-    """The DICOM files of an upload of several files as one series; None where they are single
-    images of different series (views, e.g. a PA and a lateral film) or no DICOM image at all (each
-    file's own reading then says what is wrong with it), and no series was chosen."""
+def _grouped_series(paths: list[str], series: int | None, max_images: int, limits: SeriesLimits) -> Series | None:
+    """The DICOM files of an upload of several files as one series; None, where no series was
+    chosen, for files that are no series but views: single images of different series (e.g. a PA
+    and a lateral film), a few images of one series that cannot be stacked (their sizes or
+    orientations differ: again two views), or no DICOM image at all (each file's own reading then
+    says what is wrong with it)."""
     try:
         found = load_series(paths, series, limits=limits)  # headers only
     except MultipleSeriesError as err:
@@ -488,6 +491,10 @@ def _grouped_series(paths: list[str], series: int | None, limits: SeriesLimits) 
         raise _choice_error(err) from None
     except NoSlicesError:
         return None
+    except MixedSeriesError as err:
+        if series is None and len(paths) <= max_images:
+            return None
+        raise UploadError(_sentence(str(err))) from None
     except DicomOptionError as err:
         raise UploadOptionError(_sentence(str(err))) from None
     except DicomError as err:
@@ -607,8 +614,9 @@ def load_study(
       which is a series of its frames, and a .zip, which holds a DICOM series.
     - Several files: DICOM files are grouped into a series (``radiology.series``: ordered by their
       geometry; ``series`` picks one where they hold several, else SeriesChoiceError lists them);
-      several single images (PNG, JPEG, single-image DICOM files of different series, e.g. two
-      views) stay in upload order. A series with other images, or a .zip with other files, is refused.
+      several single images (PNG, JPEG, single-image DICOM files of different series, or up to
+      ``max_images`` DICOM files that do not stack, e.g. two views) stay in upload order. A series
+      with other images, or a .zip with other files, is refused.
     - A series is sampled to ``max_images`` evenly spaced slices of ``first_slice``..``last_slice``
       (1-based; None: the ends) and rendered with ``window`` (None: multi for grayscale CT, else
       the files' own). ``render=False`` leaves a series' slices unrendered (a viewer's step).
@@ -638,7 +646,7 @@ def load_study(
             study = _single_study(shown, window or HEADER_WINDOW)
     else:
         dicom = [p for p, suffix, head in zip(paths, suffixes, heads) if _is_dicom(suffix, head)]
-        grouped = _grouped_series(dicom, series, limits) if dicom else None
+        grouped = _grouped_series(dicom, series, max_images, limits) if dicom else None
         if grouped is not None:
             if len(dicom) < len(paths):
                 raise UploadError("This upload mixes a DICOM series with other images: upload the series alone (its "

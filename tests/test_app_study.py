@@ -255,3 +255,15 @@ def test_single_dicom_images_of_different_series_are_views_in_upload_order(tmp_p
     with pytest.raises(UploadError, match=r"^File 2 of 2: the file is named \.dcm but is not DICOM") as refused:
         load_study([str(ct), str(fake)])
     assert not sentinel_hits(str(refused.value))
+
+
+def test_dicom_views_of_one_series_that_do_not_stack_stay_views(tmp_path):
+    import pydicom
+
+    pa = write_sentinel_dicom(tmp_path, "pa.dcm")  # 128 x 128
+    uid = pydicom.dcmread(pa, stop_before_pixels=True).SeriesInstanceUID
+    lateral = write_sentinel_dicom(tmp_path, "lateral.dcm", source="MR_small.dcm", SeriesInstanceUID=uid)  # 64 x 64
+    study = load_study([str(lateral), str(pa)])
+    assert study.kind == "views" and [image.size for image in study.images] == [(64, 64), (128, 128)]
+    with pytest.raises(UploadError, match="differ in rows x columns and cannot be stacked"):
+        load_study([str(lateral), str(pa)], max_images=1)  # more files than a study of views may send
