@@ -1,4 +1,5 @@
-"""Radiology image description demo for clinicians (Gradio): upload an image, read the draft as it streams.
+"""Radiology image description demo for clinicians (Gradio): upload an image, a study's views or a DICOM
+series (and a prior study to compare with), read the draft as it streams.
 
     python app.py                                    # the embedded tiny model: meaningless text, for a first look
     python app.py --model runs/r1/merged             # a merged fine-tuned model (train.py's OUTPUT_DIR/merged)
@@ -20,6 +21,7 @@ except ImportError:
     spaces = None
 
 import argparse
+import dataclasses
 import html
 import json
 import logging
@@ -36,17 +38,22 @@ import gradio as gr
 from PIL import Image
 
 from radiology.data import DEFAULT_INSTRUCTION
-from radiology.dicom import HEADER_WINDOW, WINDOW_CHOICES
 from radiology.generate import GenerationSettings, LoadedModel, SideBySideTexts, stream_side_by_side
+from radiology.series import DEFAULT_MAX_IMAGES
 from radiology.serve import (
     MAX_CONTEXT_CHARS,
     MAX_INSTRUCTION_CHARS,
+    MAX_STUDY_IMAGES,
+    STUDY_SUFFIXES,
     UPLOAD_SUFFIXES,
+    AUTO_WINDOW,
+    DEMO_WINDOWS,
     BaselineError,
     ControlError,
     DemoModel,
+    SeriesChoiceError,
     StopRegistry,
-    UploadedImage,
+    UploadedStudy,
     UploadError,
     UploadOptionError,
     clean_context,
@@ -55,10 +62,11 @@ from radiology.serve import (
     free_accelerator_memory,
     is_out_of_memory,
     load_for_demo,
-    load_upload,
+    load_study,
     model_panel,
     read_choice,
     read_number,
+    study_paths,
     upload_path,
     warm_up_on_gpu,
     window_choices,
@@ -229,11 +237,55 @@ def settings_from_ui(
     )
 
 
-def read_view(window: object, frame: object) -> tuple[str, int | None]:
-    """The DICOM window and frame controls' values, checked (they are ignored for other images)."""
-    window = read_choice(window, "DICOM window", WINDOW_CHOICES, default=HEADER_WINDOW)
+def read_view(window: object, frame: object) -> tuple[str | None, int | None]:
+    """The DICOM window and frame controls' values, checked (they are ignored for other images).
+    ``auto`` (or empty) is returned as None: the study's default, multi for a CT series, else the file's own."""
+    window = read_choice(window, "DICOM window", DEMO_WINDOWS, default=AUTO_WINDOW)
     frame = read_number(frame, "Frame", 1, whole=True, empty="the middle frame")
-    return window, frame
+    return (None if window == AUTO_WINDOW else window), frame
+
+
+@dataclass(frozen=True)
+class StudyControls:
+    """The study controls' values, checked: which series, how many images, which slices."""
+
+    series: int | None = None
+    max_images: int = DEFAULT_MAX_IMAGES
+    first_slice: int | None = None
+    last_slice: int | None = None
+
+
+def _slice_number(value: object, control: str, empty: str) -> int | None:
+    # The page's number box sends 0 while it is empty (Gradio fills an empty number with 0 on
+    # loading); no slice is numbered 0, so 0 means empty too.
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
+        return None
+    return read_number(value, control, 1, whole=True, empty=empty)
+
+
+def read_study_controls(series: object, max_images: object, first_slice: object, last_slice: object) -> StudyControls:
+    """The Series, Max images, First slice and Last slice controls' values as a request sent them."""
+    chosen = read_number(max_images, "Max images", 1, MAX_STUDY_IMAGES, whole=True, empty=f"{DEFAULT_MAX_IMAGES}")
+    return StudyControls(
+        series=read_number(series, "Series", 1, whole=True, empty="the only series"),
+        max_images=DEFAULT_MAX_IMAGES if chosen is None else chosen,
+        first_slice=_slice_number(first_slice, "First slice", "the series' first slice"),
+        last_slice=_slice_number(last_slice, "Last slice", "the series' last slice"),
+    )
+
+
+def read_study(
+    upload: object, window: object, frame: object, prior: object, series: object, max_images: object,
+    first_slice: object, last_slice: object, render: bool = True,
+) -> UploadedStudy:
+    """The study a request's controls describe, every value checked (ControlError) and every file
+    read through serve.load_study (UploadError)."""
+    paths = study_paths(upload)
+    prior_path = upload_path(prior, "prior study")
+    window, frame = read_view(window, frame)
+    controls = read_study_controls(series, max_images, first_slice, last_slice)
+    return load_study(paths, window, frame, controls.series, controls.max_images, controls.first_slice,
+                      controls.last_slice, prior_path, render=render)
 
 
 def refuse(err: ValueError, event: str) -> gr.Error:
@@ -250,13 +302,18 @@ def _gpu_function(fn: Callable[..., Iterator[Any]], duration: int) -> Callable[.
     return spaces.GPU(duration=duration)(fn) if spaces is not None else fn
 
 
-def _input_notes(shown: UploadedImage, context: str | None) -> str:
-    """What the settings line adds about the input: the DICOM window and frame, whether context was given."""
-    notes = ""
-    if shown.dicom is not None:
-        notes += f" · DICOM window: {shown.dicom.window}"
-        if shown.dicom.frames > 1:
-            notes += f", frame {shown.dicom.frame + 1} of {shown.dicom.frames}"
+def _input_notes(study: UploadedStudy, context: str | None) -> str:
+    """What the settings line adds about the input: the images sent (slices of a series, a prior),
+    the DICOM window (and frame), whether context was given."""
+    notes = f" · {study.describe()}"
+    if study.window is not None:
+        notes += f" · DICOM window: {study.window}"
+        dicom = study.single.dicom if study.single is not None else None
+        if dicom is not None and dicom.frames > 1:
+            notes += f", frame {dicom.frame + 1} of {dicom.frames}"
+    prior = study.prior.dicom if study.prior is not None else None
+    if prior is not None and prior.window != study.window:
+        notes += f" · prior's DICOM window: {prior.window}"
     if context is not None:
         notes += " · with clinical history"
     return notes
@@ -281,9 +338,11 @@ def make_generate(
 
     # Only picklable arguments (a key, not the event): on ZeroGPU this runs in a worker process.
     def stream_on_gpu(
-        key: str, image: Image.Image, instruction: str, context: str | None, settings: GenerationSettings
+        key: str, images: list[Image.Image], prior: Image.Image | None, instruction: str, context: str | None,
+        settings: GenerationSettings,
     ) -> Iterator[SideBySideTexts]:
-        yield from stream_side_by_side(models, image, instruction, settings, context, stop=stops.event(key))
+        yield from stream_side_by_side(models, images, instruction, settings, context, stop=stops.event(key),
+                                       prior=prior)
 
     stream_on_gpu = _gpu_function(stream_on_gpu, config.gpu_duration)
 
@@ -297,23 +356,30 @@ def make_generate(
         max_new_tokens: object,
         seed: object,
         context: object = None,
-        window: object = HEADER_WINDOW,
+        window: object = AUTO_WINDOW,
         frame: object = None,
+        prior: object = None,
+        series: object = None,
+        max_images: object = DEFAULT_MAX_IMAGES,
+        first_slice: object = None,
+        last_slice: object = None,
         request: gr.Request | None = None,
     ) -> Iterator[tuple[str, ...]]:
         try:
             settings = settings_from_ui(mode, temperature, top_p, top_k, max_new_tokens, seed, config.max_new_tokens)
             instruction = clean_instruction(instruction)
             context = clean_context(context)
-            shown = load_upload(upload_path(upload), *read_view(window, frame))
+            study = read_study(upload, window, frame, prior, series, max_images, first_slice, last_slice)
         except ValueError as err:  # UploadError and ControlError are ValueErrors
             raise refuse(err, "generate") from None
-        notes = _input_notes(shown, context)
+        notes = _input_notes(study, context)
+        prior_image = study.prior.image if study.prior is not None else None
         abouts = [f"{m.name} · {m.precision} · {m.device} · {settings.describe()}{notes}" for m in models]
         session = request.session_hash if request is not None else None
         with stops.running(session) as (key, _):
             try:
-                with closing(stream_on_gpu(key, shown.image, instruction, context, settings)) as items:
+                with closing(stream_on_gpu(key, list(study.images), prior_image, instruction, context,
+                                           settings)) as items:
                     for item in items:
                         yield tuple(x for pair in zip(item, _status_lines(abouts, item)) for x in pair)
             except Exception as err:
@@ -347,77 +413,167 @@ def _markdown_text(text: str) -> str:
     return "".join(f"\\{c}" if c in "\\`*_[]|~" else c for c in html.escape(text, quote=False))
 
 
-def dicom_summary(shown: UploadedImage) -> str:
-    """The technical attribute list of a DICOM upload, as Markdown (empty for other images)."""
-    if shown.dicom is None:
+def study_summary(study: UploadedStudy | None) -> str:
+    """The technical attribute list of a study, as Markdown: a DICOM file's, a series' (modality,
+    orientation, slices, size, window), a set of views'; empty for one plain image."""
+    if study is None or not study.attributes:
         return ""
-    items = " · ".join(f"{_markdown_text(k)}: {_markdown_text(v)}" for k, v in shown.dicom.attributes.items())
-    return f"**DICOM** (technical attributes only) · {items}"
+    title = {"series": "DICOM series", "views": "Study"}.get(study.kind, "DICOM")
+    items = " · ".join(f"{_markdown_text(k)}: {_markdown_text(v)}" for k, v in study.attributes.items())
+    return f"**{title}** (technical attributes only) · {items}"
 
 
-def _preview_outputs(shown: UploadedImage | None, set_controls: bool = True, window: str | None = None) -> tuple[Any, ...]:
-    """Values for (preview, burned-in warning, window, frame, DICOM attributes). ``set_controls``:
-    show or hide the DICOM controls and put the frame shown into the frame box (off when the person
-    is changing them); ``window``: a value to put into the window selector."""
-    dicom = shown.dicom if shown is not None else None
-    warning = dicom.warning if dicom is not None else None
-    banner = gr.HTML(_banner_html(warning, "#ffe1e1", "#c62828", role="alert") if warning else "",
-                     visible=warning is not None)
-    summary = gr.Markdown(dicom_summary(shown) if shown is not None else "", visible=dicom is not None)
-    window_box: Any = gr.skip()
-    frame_box: Any = gr.skip()
-    if set_controls:
-        window_box = gr.Dropdown(visible=dicom is not None)
-        frame_box = gr.Number(visible=False)
-        if dicom is not None:
-            frame_box = gr.Number(value=dicom.frame + 1, label=f"Frame (1 to {dicom.frames})",
-                                  visible=dicom.frames > 1)
-    if window is not None:
-        window_box = gr.Dropdown(value=window, visible=True)
-    image = shown.image if shown is not None else None
-    return image, banner, window_box, frame_box, summary
+def _slice_label(study: UploadedStudy, number: int) -> str:
+    """The slider's label: which slice (or view) is shown and whether the model gets it."""
+    noun = "Slice" if study.kind == "series" else "Image"
+    if number - 1 in study.sent:
+        return f"{noun} {number} of {study.total}: sent to the model"
+    return f"{noun} {number} of {study.total}: not sent (the model gets {len(study.sent)} of {study.total})"
 
 
-def show_preview(
-    upload: object, window: object = HEADER_WINDOW, frame: object = None, new_file: bool = False
-) -> tuple[Any, ...]:
-    """The image exactly as the model will get it (grayscale, 16-bit, TIFF and DICOM files included),
-    with a DICOM file's technical attributes and burned-in annotation warning. A window or frame
-    that does not fit the file gets a warning and the nearest view that fits. The controls' values
-    come unprocessed, as for Generate."""
+def _sent_gallery(study: UploadedStudy | None) -> Any:
+    """The images the model gets, in prompt order (the prior first), each with its slice number."""
+    if study is None:
+        return gr.Gallery(value=None, visible=False)
+    noun = "slice" if study.kind == "series" else "image"
+    items = [(study.prior.image, "prior study")] if study.prior is not None else []
+    items += [(image, f"{noun} {index + 1}") for image, index in zip(study.images, study.sent)]
+    label = f"Sent to the model, in order: {study.describe().removeprefix('images: ')}"
+    return gr.Gallery(value=items, label=label, visible=len(items) > 1)
+
+
+@dataclass(frozen=True)
+class StudyView:
+    """What the input panel shows: the study (None when there is none to show), the item shown
+    (0-based), and the series to choose from when the upload holds several."""
+
+    study: UploadedStudy | None
+    shown: int = 0
+    choices: list[tuple[int, str]] | None = None
+    problem: str | None = None  # the message for a study that cannot be shown
+    fell_back: bool = False  # the view asked for did not fit: the default one is shown
+
+
+def _view_study(
+    upload: object, window: object, frame: object, prior: object, series: object, max_images: object,
+    first_slice: object, last_slice: object, shown: object = None, render: bool = True, warn: bool = True,
+) -> StudyView:
+    """The study for the input panel. A view that does not fit (a CT window on MR, a slice range
+    beyond the series) gets a warning (unless ``warn`` is off: another event already gave it) and
+    the default view instead; ControlError goes to the caller."""
+    warning = gr.Warning if warn else (lambda message: None)
+    controls = (upload, window, frame, prior, series, max_images, first_slice, last_slice)
     try:
-        upload = upload_path(upload)
-        window, frame = read_view(window, frame)
-    except ControlError as err:
-        raise refuse(err, "preview") from None
-    if upload is None:
-        return _preview_outputs(None)
-    try:
-        return _preview_outputs(load_upload(upload, window, frame), set_controls=new_file)
+        study = read_study(*controls, render=render)
+    except SeriesChoiceError as err:
+        return StudyView(None, choices=err.choices, problem=str(err))
     except UploadOptionError as err:
         problem = str(err)
+        try:  # the files' own view: default window, middle frame, the whole series
+            study = read_study(upload, None, None, prior, series, max_images, None, None, render=render)
+        except UploadError as again:
+            warning(str(again))
+            return StudyView(None, problem=str(again))
+        warning(f"{problem} Showing the default view instead.")
+        return StudyView(study, _shown_index(study, shown), fell_back=True)
     except UploadError as err:
-        gr.Warning(str(err))
-        return _preview_outputs(None)
-    # Keep what fits: the window with the middle frame, else the file's own window with the frame.
-    for fallback_window, fallback_frame, instead in (
-        (window, None, "the middle frame"),
-        (HEADER_WINDOW, frame, "the file's own window"),
-        (HEADER_WINDOW, None, "the file's own window and the middle frame"),
-    ):
+        warning(str(err))
+        return StudyView(None, problem=str(err))
+    return StudyView(study, _shown_index(study, shown))
+
+
+def _shown_index(study: UploadedStudy, shown: object) -> int:
+    """The 0-based item to show: the slider's (1-based) number within the study, else the middle one."""
+    number = read_number(shown, "Slice", 1, whole=True, empty="the middle one")
+    return study.total // 2 if number is None else min(int(number), study.total) - 1
+
+
+def _view_outputs(view: StudyView) -> tuple[Any, ...]:
+    """Values for (preview, burned-in warning, window, frame, attributes): /preview's outputs."""
+    study = view.study
+    item = study.item(view.shown) if study is not None else None
+    warning = (study.warning if study is not None else None) or (item.dicom.warning if item and item.dicom else None)
+    banner = gr.HTML(_banner_html(warning, "#ffe1e1", "#c62828", role="alert") if warning else "",
+                     visible=warning is not None)
+    if study is not None and study.images == () and item is not None and item.dicom is not None:
+        # Slices not rendered yet (a first look): the window as the slice shown says it.
+        study = dataclasses.replace(study, attributes={**study.attributes, "Window": item.dicom.window})
+    if study is None and view.problem is not None:  # said where the study would be, until it changes
+        summary = gr.Markdown(_markdown_text(view.problem), visible=True)
+    else:
+        summary = gr.Markdown(study_summary(study), visible=bool(study_summary(study)))
+    has_dicom = study is not None and study.window_name is not None
+    # After a view that did not fit, the selector says what is shown: the default.
+    window = gr.Dropdown(value=AUTO_WINDOW, visible=has_dicom) if view.fell_back else gr.Dropdown(visible=has_dicom)
+    # The frame box serves the API (one frame of a multi-frame file); the page steps through frames with the slider.
+    return item.image if item is not None else None, banner, window, gr.Number(value=None, visible=False), summary
+
+
+def _study_outputs(view: StudyView, keep_series: bool) -> tuple[Any, ...]:
+    """``_view_outputs``, then the slice slider, the sent images and the series selector."""
+    study = view.study
+    if study is not None and study.total > 1:
+        number = view.shown + 1
+        slider = gr.Slider(minimum=1, maximum=study.total, value=number, step=1, label=_slice_label(study, number),
+                           visible=True)
+    else:
+        slider = gr.Slider(minimum=1, maximum=2, value=1, visible=False)
+    if view.choices:
+        series = gr.Dropdown(choices=[(line, number) for number, line in view.choices], value=None, visible=True,
+                             label=f"Series: this upload holds {len(view.choices)}, choose one")
+    elif keep_series and study is not None and study.series is not None and study.series.series_count > 1:
+        series = gr.skip()
+    else:
+        series = gr.Dropdown(choices=[], value=None, visible=False)
+    return (*_view_outputs(view), slider, _sent_gallery(study), series)
+
+
+def _refusing(event: str, fn: Callable[..., tuple[Any, ...]]) -> Callable[..., tuple[Any, ...]]:
+    """``fn`` with a ControlError (a bad value sent through the API) answered by a message."""
+    def checked(*args: Any) -> tuple[Any, ...]:
         try:
-            shown = load_upload(upload, fallback_window, fallback_frame)
-        except UploadError:
-            continue
-        gr.Warning(f"{problem} Showing {instead} instead.")
-        return _preview_outputs(shown, set_controls=True, window=fallback_window)
-    gr.Warning(problem)
-    return _preview_outputs(None)
+            return fn(*args)
+        except ControlError as err:
+            raise refuse(err, event) from None
+
+    checked.__name__ = fn.__name__
+    return checked
 
 
-def preview_upload(upload: object, window: object = HEADER_WINDOW) -> tuple[Any, ...]:
-    """A new upload's preview: the chosen window (when it fits), the middle frame of a multi-frame file."""
-    return show_preview(upload, window, None, new_file=True)
+def preview_upload(upload: object, window: object = AUTO_WINDOW) -> tuple[Any, ...]:
+    """A new upload's preview: the image as the model gets it (a series' middle slice), with the
+    technical attributes and the burned-in annotation warning; the window, when it fits (auto: the
+    study's default). The values come unprocessed, as for Generate."""
+    return _view_outputs(_view_study(upload, window, None, None, None, None, None, None, render=False))
+
+
+def show_new_study(upload: object, window: object, max_images: object, prior: object) -> tuple[Any, ...]:
+    """After a new upload: the slider at the middle slice, the images sent, the series to choose
+    from; the series choice and the slice range of the previous upload are cleared."""
+    view = _view_study(upload, window, None, prior, None, max_images, None, None, warn=False)  # /preview warned
+    return (*_study_outputs(view, keep_series=False)[1:], None, None)
+
+
+def show_study(
+    upload: object, window: object, frame: object, prior: object, series: object, max_images: object,
+    first_slice: object, last_slice: object, shown: object,
+) -> tuple[Any, ...]:
+    """The study again after a control changed (window, series, max images, slice range, prior)."""
+    view = _view_study(upload, window, frame, prior, series, max_images, first_slice, last_slice, shown)
+    return _study_outputs(view, keep_series=True)
+
+
+def show_slice(
+    upload: object, window: object, frame: object, prior: object, series: object, max_images: object,
+    first_slice: object, last_slice: object, shown: object,
+) -> tuple[Any, ...]:
+    """The slice the slider points at, as the model would get it, and whether it is sent."""
+    view = _view_study(upload, window, frame, None, series, max_images, first_slice, last_slice, shown,
+                       render=False)
+    if view.study is None:
+        return gr.skip(), gr.skip()
+    image = view.study.item(view.shown).image
+    return image, gr.Slider(label=_slice_label(view.study, view.shown + 1))
 
 
 # --------------------------------------------------------------------------- UI
@@ -456,27 +612,68 @@ class InputPanel:
     window: gr.Dropdown
     frame: gr.Number
     dicom_summary: gr.Markdown
+    slice: gr.Slider
+    sent: gr.Gallery
+    series: gr.Dropdown
+    max_images: gr.Slider
+    first_slice: gr.Number
+    last_slice: gr.Number
+    prior: gr.File
 
     def preview_outputs(self) -> list[gr.components.Component]:
-        """In the order of ``show_preview``'s values."""
+        """In the order of ``preview_upload``'s values (the /preview API's outputs)."""
         return [self.preview, self.burned_in, self.window, self.frame, self.dicom_summary]
+
+    def study_outputs(self) -> list[gr.components.Component]:
+        """In the order of ``show_study``'s values."""
+        return [*self.preview_outputs(), self.slice, self.sent, self.series]
+
+    def study_inputs(self) -> list[gr.components.Component]:
+        """In the order of ``show_study``'s (and ``show_slice``'s) parameters."""
+        return [self.upload, self.window, self.frame, self.prior, self.series, self.max_images, self.first_slice,
+                self.last_slice, self.slice]
+
+    def generate_inputs(self) -> list[gr.components.Component]:
+        """The study's inputs of Generate, after the window and frame (their order in the API)."""
+        return [self.prior, self.series, self.max_images, self.first_slice, self.last_slice]
 
 
 def _input_panel() -> InputPanel:
     # A file input, not gr.Image: gr.Image decodes uploads itself (its own errors, no TIFF or DICOM
-    # preview), while every upload here goes through load_upload.
-    upload = gr.File(label="Image", file_types=list(UPLOAD_SUFFIXES), type="filepath", elem_id="upload")
+    # preview), while every upload here goes through serve.load_study.
+    upload = gr.File(label="Image, study or DICOM series: one file, several (a study's views, a series' slices) "
+                     "or a .zip", file_count="multiple", file_types=list(STUDY_SUFFIXES), type="filepath",
+                     elem_id="upload")
     burned_in = gr.HTML("", visible=False, elem_id="burned-in-warning")
     # No Share button: it would post a patient's image to a public discussion page.
     preview = gr.Image(label="What the model sees", type="pil", format="png", interactive=False, height=320,
                        buttons=["download", "fullscreen"], elem_id="preview")
-    # DICOM only: shown once a DICOM file is uploaded.
+    # Several images (a series, views): a slider over all of them, and the ones the model gets.
+    slider = gr.Slider(minimum=1, maximum=2, value=1, step=1, label="Slice", visible=False, elem_id="slice")
+    sent = gr.Gallery(label="Sent to the model, in order", visible=False, columns=8, height=150, format="png",
+                      object_fit="contain", allow_preview=True, interactive=False,
+                      buttons=["download", "fullscreen"], elem_id="sent")
     with gr.Row():
-        window = gr.Dropdown(window_choices(), value=HEADER_WINDOW, label="DICOM window", visible=False,
+        # DICOM only: shown once a DICOM file is uploaded.
+        window = gr.Dropdown(window_choices(), value=AUTO_WINDOW, label="DICOM window", visible=False,
                              elem_id="window")
+        series = gr.Dropdown(choices=[], value=None, label="Series", visible=False, elem_id="series")
+        # One frame of a multi-frame file, for API callers; the page steps through frames with the slider.
         frame = gr.Number(value=None, precision=0, label="Frame", visible=False, elem_id="frame")
     dicom_summary = gr.Markdown(visible=False, elem_id="dicom-attributes")
-    return InputPanel(upload, preview, burned_in, window, frame, dicom_summary)
+    with gr.Accordion("Study: images sent, prior study", open=True):
+        with gr.Row():
+            max_images = gr.Slider(1, MAX_STUDY_IMAGES, value=DEFAULT_MAX_IMAGES, step=1, label="Max images",
+                                   info="a series is sampled evenly, first and last slice included",
+                                   elem_id="max-images", scale=2)
+            first_slice = gr.Number(value=None, precision=0, label="First slice (empty: 1)",
+                                    elem_id="first-slice")
+            last_slice = gr.Number(value=None, precision=0, label="Last slice (empty: the last)",
+                                   elem_id="last-slice")
+        prior = gr.File(label="Prior study (optional): one earlier image or DICOM file, placed first for comparison",
+                        file_count="single", file_types=list(UPLOAD_SUFFIXES), type="filepath", elem_id="prior")
+    return InputPanel(upload, preview, burned_in, window, frame, dicom_summary, slider, sent, series, max_images,
+                      first_slice, last_slice, prior)
 
 
 def _examples_gallery(upload: gr.File) -> None:
@@ -493,8 +690,8 @@ def _examples_gallery(upload: gr.File) -> None:
         elem_id="examples-sources",
     )
 
-    def pick(event: gr.SelectData) -> str:
-        return examples[event.index]["path"]
+    def pick(event: gr.SelectData) -> list[str]:
+        return [examples[event.index]["path"]]
 
     gallery.select(pick, None, upload, api_visibility="private", concurrency_limit=None)
 
@@ -536,14 +733,28 @@ def _answer_box(label: str, elem_id: str, settings_id: str) -> list[gr.component
     return [answer, gr.Markdown(elem_id=settings_id)]
 
 
+def _takes_files(block: Any) -> bool:
+    return isinstance(block, gr.File) and block.file_count == "multiple"
+
+
 class DemoBlocks(gr.Blocks):
     """gr.Blocks that refuses a malformed request (too few values, a file reference that is not an
     upload of this app, a value a component cannot take) with a short message naming the event's
     controls, instead of Gradio's traceback in the log that quotes the values and paths sent."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Per API name, the values a request must send: inputs added later take their defaults.
+        self.required_values: dict[str, int] = {}
+
     async def preprocess_data(self, block_fn: Any, inputs: list[Any], state: Any, explicit_call: bool = False) -> Any:
         event = block_fn.api_name or block_fn.name
         controls = ", ".join(str(getattr(block, "label", None) or type(block).__name__) for block in block_fn.inputs)
+        if self.required_values.get(event, len(block_fn.inputs)) <= len(inputs) < len(block_fn.inputs):
+            inputs = [*inputs, *[None] * (len(block_fn.inputs) - len(inputs))]
+        # A script's one file where the page sends a list (the upload takes several).
+        inputs = [[value] if isinstance(value, dict) and _takes_files(block) else value
+                  for block, value in zip(block_fn.inputs, inputs)] + list(inputs[len(block_fn.inputs):])
         if len(inputs) < len(block_fn.inputs):
             logger.info("%s request refused: %d of its %d values sent", event, len(inputs), len(block_fn.inputs))
             raise gr.Error(f"This request sent {len(inputs)} values; it takes {len(block_fn.inputs)}: {controls}.",
@@ -568,8 +779,9 @@ def build_demo(served: DemoModel, config: AppConfig | None = None, stops: StopRe
     delete_cache = (min(60, config.upload_ttl), config.upload_ttl)
     with DemoBlocks(title=TITLE, analytics_enabled=False, delete_cache=delete_cache) as demo:
         _banners(served)
-        gr.Markdown(f"# {TITLE}\nUpload an image (PNG, JPEG, WebP, BMP, TIFF, GIF or DICOM) or pick an example, "
-                    "add the clinical history if you like, and press **Generate**.")
+        gr.Markdown(f"# {TITLE}\nUpload an image (PNG, JPEG, WebP, BMP, TIFF, GIF or DICOM), several of one study "
+                    "(two views, a DICOM series' files or its .zip) or pick an example; add a prior study and the "
+                    "clinical history if you like, and press **Generate**.")
         with gr.Row(equal_height=False):
             with gr.Column():
                 panel = _input_panel()
@@ -600,17 +812,27 @@ def build_demo(served: DemoModel, config: AppConfig | None = None, stops: StopRe
         # checks them itself: Gradio's own checks answer bad API values with tracebacks that quote the
         # value, and gr.File's leaves an empty temporary file behind on every call.
         # Previews share one concurrency group: each decodes a whole upload, so a few at a time.
-        panel.upload.change(preview_upload, [panel.upload, panel.window], panel.preview_outputs(),
-                            api_name="preview", preprocess=False, concurrency_id="preview",
-                            concurrency_limit=PREVIEW_CONCURRENCY)
-        # A person choosing another window or frame (select: a dropdown choice fires input twice).
-        view_inputs = [panel.upload, panel.window, panel.frame]
-        for event in (panel.window.select, panel.frame.input):
-            event(show_preview, view_inputs, panel.preview_outputs(), api_visibility="private", preprocess=False,
-                  concurrency_id="preview", concurrency_limit=PREVIEW_CONCURRENCY, trigger_mode="always_last")
+        previews = dict(preprocess=False, concurrency_id="preview", concurrency_limit=PREVIEW_CONCURRENCY)
+        uploaded = panel.upload.change(_refusing("preview", preview_upload), [panel.upload, panel.window],
+                                       panel.preview_outputs(), api_name="preview", **previews)
+        uploaded.then(_refusing("preview", show_new_study),
+                      [panel.upload, panel.window, panel.max_images, panel.prior],
+                      panel.study_outputs()[1:] + [panel.first_slice, panel.last_slice], api_visibility="private",
+                      **previews)
+        # A person changing the view (select: a dropdown choice fires input twice).
+        for event in (panel.window.select, panel.series.select, panel.max_images.release, panel.first_slice.input,
+                      panel.last_slice.input, panel.prior.change):
+            event(_refusing("preview", show_study), panel.study_inputs(), panel.study_outputs(),
+                  api_visibility="private", trigger_mode="always_last", **previews)
+        panel.slice.input(_refusing("preview", show_slice), panel.study_inputs(), [panel.preview, panel.slice],
+                          api_visibility="private", trigger_mode="always_last", **previews)
+        generate_inputs = [panel.upload, instruction, *decoding.inputs(), context, panel.window, panel.frame,
+                           *panel.generate_inputs()]
+        # Values the API took before studies: the rest may be left out of a request (their defaults).
+        demo.required_values["generate"] = generate_inputs.index(panel.frame) + 1
         run = generate_button.click(
             make_generate(served.models, stops, config),
-            [panel.upload, instruction, *decoding.inputs(), context, panel.window, panel.frame],
+            generate_inputs,
             answers,
             api_name="generate",
             preprocess=False,

@@ -3,6 +3,9 @@ evaluation and this command line:
 
     python -m radiology.generate --model runs/r1/merged --image chest.png
     python -m radiology.generate --model google/gemma-3-4b-pt --adapter runs/r1 --load_in_4bit --image chest.png --stream
+    python -m radiology.generate --model runs/r1/merged --image pa.png --image lateral.png --prior last_year.png
+    python -m radiology.generate --model runs/r1/merged --image ct_series/ --max_images 8 --window multi
+    python -m radiology.generate --model runs/r1/merged --image study.zip --series 2 --slices 20-60
 
 Works from a merged folder, from a base model plus an adapter, and in 4-bit. Batches pad on the
 left, so that every row's answer starts right after its prompt; greedy answers are the same as one
@@ -37,6 +40,17 @@ from transformers import (
 )
 
 from radiology.data import DEFAULT_INSTRUCTION, build_messages, control_token_in, decode_image
+from radiology.dicom import has_dicom_preamble, read_dicom_image
+from radiology.series import (
+    ALL_WINDOWS,
+    DEFAULT_MAX_IMAGES,
+    SeriesError,
+    describe_indices,
+    load_series,
+    parse_slice_range,
+    render_series,
+    sample_indices,
+)
 from radiology.modeling import check_vision_language_model, load_processor
 from radiology.tokens import never_generated, special_ids, stop_ids
 
@@ -47,12 +61,15 @@ __all__ = [
     "SideBySideTexts",
     "StopSignal",
     "StudyImages",
+    "StudyInput",
     "add_generation_arguments",
     "build_batch_inputs",
     "build_inputs",
+    "describe_study",
     "generate_batch",
     "generate_text",
     "load_for_generation",
+    "read_study",
     "settings_from_args",
     "stream_side_by_side",
     "stream_text",
@@ -557,10 +574,130 @@ def _refuse_control_tokens(instruction: str, context: str | None) -> None:
                              "structure; remove it")
 
 
+def describe_study(images: int, slices: str | None = None, prior: bool = False) -> str:
+    """What a prompt was given, for a settings line or the command line's log: ``images: 1``,
+    ``images: 7 (slices 1-7 of 7)``, ``images: 2 + prior`` (the prior study's image comes on top)."""
+    text = f"images: {images}"
+    if slices:
+        text += f" ({slices})"
+    return text + (" + prior" if prior else "")
+
+
+@dataclass(frozen=True)
+class StudyInput:
+    """One prompt's images as the command line read them: the study's images in order, the prior
+    study's image (or None), and lines that say what they are (no header value, no file name)."""
+
+    images: list[Image.Image]
+    prior: Image.Image | None
+    description: str  # describe_study's line
+    series: str | None = None  # a series' description and window, when the study is one
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    if path.suffix.lower() in (".dcm", ".dicom"):
+        return True
+    try:
+        with open(path, "rb") as fp:
+            return has_dicom_preamble(fp.read(132))
+    except OSError:
+        return False
+
+
+def _is_series(path: Path) -> bool:
+    """A folder, a .zip, or a multi-frame DICOM file: a series, sampled and rendered as such."""
+    if path.is_dir():
+        return True
+    if not path.is_file():
+        return False
+    with open(path, "rb") as fp:
+        if fp.read(4) in (b"PK\x03\x04", b"PK\x05\x06"):
+            return True
+    if not _looks_like_dicom(path):
+        return False
+    try:
+        return len(load_series(path)) > 1  # headers only: a multi-frame file is a series of its frames
+    except SeriesError:
+        return False  # one image after all; reading it says what is wrong with it
+
+
+def _read_image(path: Path, window: str | None) -> Image.Image:
+    """One image file as the model gets it; a DICOM file with ``window`` (None: its own)."""
+    if window is not None and _looks_like_dicom(path):
+        return read_dicom_image(path, window=window).image
+    return decode_image(str(path))
+
+
+def read_study(
+    images: Sequence[str | Path],
+    prior: str | Path | None = None,
+    window: str | None = None,
+    series: int | None = None,
+    max_images: int = DEFAULT_MAX_IMAGES,
+    slices: tuple[int, int] | None = None,
+) -> StudyInput:
+    """The command line's ``--image`` values (and ``--prior``) as one prompt's images.
+
+    Several ``--image`` files are one study's images in the order given (two views, today's and
+    another projection); a folder, a .zip or a multi-frame DICOM file is a DICOM series, given
+    alone: ``series`` picks one when it holds several, then ``max_images`` evenly spaced slices of
+    ``slices`` (1-based, inclusive; default: all) are rendered with ``window`` (None: the series'
+    default, multi for grayscale CT). ``window`` also renders DICOM files given one by one and a
+    DICOM prior (None: each file's own window). ValueError (ImageDecodeError, SeriesError) names
+    the problem and the flag that fixes it.
+    """
+    paths = [Path(p) for p in images]
+    if not paths:
+        raise ValueError("no --image: give an image file, a DICOM series' folder or .zip")
+    if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
+        raise ValueError("--max_images must be a whole number from 1")
+    if window is not None and window not in ALL_WINDOWS:
+        raise ValueError(f"--window must be one of {', '.join(ALL_WINDOWS)}")
+    series_given = [_is_series(p) for p in paths]
+    prior_image = _read_image(Path(prior), window) if prior is not None else None
+    if any(series_given):
+        if len(paths) > 1:
+            raise ValueError(
+                "a DICOM series (a folder, a .zip or a multi-frame DICOM file) is a study of its own: give it as the "
+                "only --image (and an earlier study as --prior)"
+            )
+        chosen = load_series(paths[0], series)
+        indices = sample_indices(len(chosen), max_images, slices)
+        rendered = render_series(chosen, indices, window)
+        used = window or chosen.default_window
+        return StudyInput(rendered, prior_image,
+                          describe_study(len(rendered), describe_indices(indices, len(chosen)), prior is not None),
+                          series=f"{chosen.description}; window: {used}")
+    if series is not None or slices is not None:
+        raise ValueError("--series and --slices choose within a DICOM series: give its folder, .zip or multi-frame "
+                         "file as the only --image")
+    if len(paths) > max_images:
+        raise ValueError(f"{len(paths)} images given, above --max_images {max_images}: give fewer, or raise "
+                         "--max_images")
+    read = [_read_image(path, window) for path in paths]
+    return StudyInput(read, prior_image, describe_study(len(read), prior=prior is not None))
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Describe a radiology image with a (fine-tuned) Gemma 3.")
+    parser = argparse.ArgumentParser(description="Describe a radiology image, study or DICOM series with a "
+                                     "(fine-tuned) Gemma 3.")
     parser.add_argument("--model", required=True, help="merged model folder, hub id, or base model for --adapter")
-    parser.add_argument("--image", required=True, help="image file (PNG, JPEG, TIFF, ...)")
+    parser.add_argument("--image", required=True, action="append", metavar="PATH",
+                        help="an image file (PNG, JPEG, TIFF, DICOM, ...); repeat it for several images of one study, "
+                             "in order (e.g. two views). A folder, a .zip or a multi-frame DICOM file is a DICOM "
+                             "series, given alone")
+    parser.add_argument("--prior", default=None, metavar="PATH",
+                        help="an image (or DICOM file) of a prior study, placed first in the prompt for comparison")
+    parser.add_argument("--series", type=int, default=None,
+                        help="which series (1-based) when the folder or .zip holds several; without it they are listed")
+    parser.add_argument("--max_images", type=int, default=DEFAULT_MAX_IMAGES,
+                        help="slices of a series sent to the model, evenly spaced, first and last included "
+                             "(default: %(default)s); also the most --image files taken")
+    parser.add_argument("--slices", type=parse_slice_range, default=None, metavar="A-B",
+                        help="sample the series' slices A to B only (1-based, inclusive), e.g. 3-9")
+    parser.add_argument("--window", default=None, choices=ALL_WINDOWS,
+                        help="DICOM window for every DICOM image (default: multi for a CT series, else each file's "
+                             "own window)")
     parser.add_argument("--adapter", default=None, help="LoRA adapter folder to apply to --model")
     parser.add_argument("--load_in_4bit", action="store_true", help="load the weights in 4-bit NF4")
     parser.add_argument("--context", default=None, help="optional clinical context for the prompt")
@@ -570,16 +707,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     try:
-        # Bad flags and a bad image fail in a second, before the model loads.
+        # Bad flags and bad images fail in a second, before the model loads.
         settings = settings_from_args(args)
         _refuse_control_tokens(args.instruction, args.context)
-        image = decode_image(args.image)
+        study = read_study(args.image, args.prior, args.window, args.series, args.max_images, args.slices)
+        if study.series:
+            print(f"series: {study.series}", file=sys.stderr)
+        print(study.description, file=sys.stderr)
+        images = study.images  # one image makes the one-image prompt the model was trained on
         loaded = load_for_generation(args.model, args.adapter, args.load_in_4bit, args.device)
         if not args.stream:
-            print(generate_text(loaded, image, args.instruction, settings, context=args.context))
+            print(generate_text(loaded, images, args.instruction, settings, context=args.context, prior=study.prior))
             return
         shown = ""
-        for text in stream_text(loaded, image, args.instruction, settings, context=args.context):
+        for text in stream_text(loaded, images, args.instruction, settings, context=args.context, prior=study.prior):
             sys.stdout.write(text[len(shown):])
             sys.stdout.flush()
             shown = text

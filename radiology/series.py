@@ -54,6 +54,7 @@ from radiology.dicom import (
     MULTI_WINDOW,
     WINDOW_CHOICES,
     DicomError,
+    DicomImage,
     DicomOptionError,
     DicomTooLargeError,
     _check_window_choice,
@@ -68,6 +69,7 @@ from radiology.dicom import (
 )
 
 __all__ = [
+    "ALL_WINDOWS",
     "DEFAULT_MAX_IMAGES",
     "MixedSeriesError",
     "MultipleSeriesError",
@@ -83,11 +85,15 @@ __all__ = [
     "describe_indices",
     "list_series",
     "load_series",
+    "parse_slice_range",
+    "read_series_slices",
     "render_series",
     "sample_indices",
 ]
 
 DEFAULT_MAX_IMAGES = 8  # 8 x 256 image tokens: a series fits one prompt next to the instruction
+# Every named window: radiology.dicom's single-channel ones, then multi (three CT windows in R, G, B).
+ALL_WINDOWS: tuple[str, ...] = (*WINDOW_CHOICES, MULTI_WINDOW)
 
 # A member/file source: a path, or the bytes of an upload.
 SourceItem = Union[str, os.PathLike, bytes, bytearray, memoryview]
@@ -115,7 +121,7 @@ _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 _HEADER_TAGS = [
     "SOPClassUID", "SOPInstanceUID", "Modality", "SeriesInstanceUID", "InstanceNumber", "ImagePositionPatient",
     "ImageOrientationPatient", "SamplesPerPixel", "PhotometricInterpretation", "NumberOfFrames", "Rows", "Columns",
-    "RescaleType", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
+    "RescaleType", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence", "BurnedInAnnotation",
 ]
 
 # Skip reasons, counted and reported (never with a file name).
@@ -228,6 +234,9 @@ class Series:
     skipped: dict[str, int]
     files: int  # files in the input
     _input: _Input = field(repr=False, compare=False)
+    # Any file of the series declares text burned into its pixels (BurnedInAnnotation YES), read
+    # from every header, rendered or not: what a page showing the slices must warn about.
+    burned_in_annotation: bool = False
 
     def __len__(self) -> int:
         return len(self.slices)
@@ -503,6 +512,7 @@ class _Header:
     rows: int
     columns: int
     instance: int | None
+    burned_in: bool
     positions: tuple[tuple[float, ...] | None, ...]  # one per frame
     orientations: tuple[tuple[float, ...] | None, ...]  # one per frame
 
@@ -577,6 +587,7 @@ def _header(ds: Dataset, entry: int, number: int, files: int, limits: SeriesLimi
         rows=rows,
         columns=columns,
         instance=_whole(ds.get("InstanceNumber")),
+        burned_in=_code_string(ds, "BurnedInAnnotation") == "YES",
         positions=positions,
         orientations=orientations,
     )
@@ -861,6 +872,7 @@ def _build(
         skipped=dict(skipped),
         files=collected.files,
         _input=collected,
+        burned_in_annotation=any(h.burned_in for h in candidate.headers),
     )
 
 
@@ -889,8 +901,20 @@ def sample_indices(total: int, max_images: int = DEFAULT_MAX_IMAGES, slice_range
 
 
 def describe_indices(indices: Sequence[int], total: int) -> str:
-    """``slices 1, 44, 87 of 300`` for 0-based indices, as people count slices."""
-    return f"slices {', '.join(str(i + 1) for i in indices)} of {total}"
+    """``slices 1, 44, 87 of 300`` for 0-based indices, as people count slices; a run of three or
+    more neighbours is written as a range (``slices 1-7 of 7``, ``slices 3, 5-9 of 20``)."""
+    parts: list[str] = []
+    run: list[int] = []
+    for number in [int(i) + 1 for i in indices] + [None]:  # None closes the last run
+        if run and number == run[-1] + 1:
+            run.append(number)
+            continue
+        if len(run) >= 3:
+            parts.append(f"{run[0]}-{run[-1]}")
+        else:
+            parts.extend(str(n) for n in run)
+        run = [number] if number is not None else []
+    return f"slices {', '.join(parts)} of {total}"
 
 
 # --------------------------------------------------------------------------- rendering
@@ -921,6 +945,18 @@ def render_series(
     window otherwise); else any window of ``radiology.dicom.read_dicom_image``. Only these slices'
     files are read and decoded, one file at a time. ``max_bytes`` caps one file as in radiology.dicom.
     """
+    return [shown.image for shown in read_series_slices(series, indices, window, max_bytes=max_bytes)]
+
+
+def read_series_slices(
+    series: Series,
+    indices: Sequence[int],
+    window: str | tuple[float, float] | None = None,
+    *,
+    max_bytes: int | None = None,
+) -> list[DicomImage]:
+    """As ``render_series``, each slice with what a page may show about it (``DicomImage``: the
+    window's label, the technical attributes, the burned-in annotation flag)."""
     chosen_window = _resolve_window(series, window)
     total = len(series.slices)
     for i in indices:
@@ -929,7 +965,7 @@ def render_series(
     by_file: dict[int, list[int]] = {}
     for k, i in enumerate(indices):
         by_file.setdefault(series.slices[i].file, []).append(k)
-    images: list[Image.Image | None] = [None] * len(indices)
+    images: list[DicomImage | None] = [None] * len(indices)
     limit = _limit(max_bytes)
     entries = series._input.entries
     with series._input.opener() as open_entry:
@@ -950,14 +986,16 @@ def render_series(
                     "was it moved or changed?"
                 ) from None
             for k, shown in zip(positions, rendered):
-                images[k] = shown.image
+                images[k] = shown
     return [image for image in images if image is not None]
 
 
 # --------------------------------------------------------------------------- command line
 
 
-def _slice_range(text: str) -> tuple[int, int]:
+def parse_slice_range(text: str) -> tuple[int, int]:
+    """``"10-60"`` -> (10, 60): a 1-based, inclusive slice range as the command lines take it
+    (``--slices``); argparse.ArgumentTypeError, which argparse reports under the flag, names the form."""
     match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
     if not match:
         raise argparse.ArgumentTypeError("give the 1-based slice range as A-B, e.g. 10-60")
@@ -969,8 +1007,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", nargs="+", help="a folder, a .zip, or DICOM files of one series")
     parser.add_argument("--series", type=int, default=None, help="1-based series number when the input holds several")
     parser.add_argument("--max_images", type=int, default=DEFAULT_MAX_IMAGES, help="slices to send (default: %(default)s)")
-    parser.add_argument("--slices", type=_slice_range, default=None, help="1-based slice range A-B to sample from")
-    windows = ", ".join((*WINDOW_CHOICES, MULTI_WINDOW))
+    parser.add_argument("--slices", type=parse_slice_range, default=None, help="1-based slice range A-B to sample from")
+    windows = ", ".join(ALL_WINDOWS)
     parser.add_argument("--window", default=None, help=f"one of {windows} (default: multi for CT, else header)")
     parser.add_argument("--out", default=None, help="folder to write the PNGs to")
     defaults = SeriesLimits()

@@ -5,6 +5,9 @@
 
 - ``load_upload`` / ``read_upload``: the one door for uploaded files (extension, format, size guard,
   decoding); DICOM goes through ``radiology.dicom`` with the chosen window and frame.
+- ``load_study``: the door for a request's several files: one image, a study's views in upload order,
+  or a DICOM series (its files, a .zip, a multi-frame file) sampled and rendered through
+  ``radiology.series``, and a prior study's image; ``study_paths`` reads the upload control's value.
 - ``clean_instruction``, ``clean_context``: the instruction and the optional clinical history /
   question, checked as the prompt will use them.
 - ``read_number``, ``read_choice``, ``upload_path``: the demo's other controls as a request sends
@@ -45,9 +48,10 @@ from PIL import Image, UnidentifiedImageError
 
 from radiology.data import DEFAULT_INSTRUCTION, build_messages, control_token_in, decode_image
 from radiology.dicom import (
+    BURNED_IN_WARNING,
     FULL_RANGE,
     HEADER_WINDOW,
-    WINDOW_CHOICES,
+    MULTI_WINDOW,
     WINDOW_PRESETS,
     DicomError,
     DicomImage,
@@ -55,12 +59,27 @@ from radiology.dicom import (
     has_dicom_preamble,
     read_dicom_image,
 )
-from radiology.generate import LoadedModel, load_for_generation, warm_up
+from radiology.generate import LoadedModel, describe_study, load_for_generation, warm_up
 from radiology.images import ImageDecodeError
+from radiology.series import (
+    ALL_WINDOWS,
+    DEFAULT_MAX_IMAGES,
+    MixedSeriesError,
+    MultipleSeriesError,
+    NoSlicesError,
+    Series,
+    SeriesLimits,
+    describe_indices,
+    load_series,
+    read_series_slices,
+    sample_indices,
+)
 from radiology.memory import MemoryStatus, format_bytes, model_footprint, read_gpu_memory
 
 __all__ = [
+    "AUTO_WINDOW",
     "DEMO_MODEL_NAME",
+    "DEMO_WINDOWS",
     "DICOM_SUFFIXES",
     "IMAGE_SUFFIXES",
     "MAX_CONTEXT_CHARS",
@@ -68,13 +87,18 @@ __all__ = [
     "MAX_UPLOAD_PIXELS",
     "WORKING_PIXELS",
     "UPLOAD_SUFFIXES",
+    "STUDY_SUFFIXES",
+    "MAX_STUDY_IMAGES",
+    "STUDY_PIXELS",
     "BaselineError",
     "ControlError",
     "DemoModel",
+    "SeriesChoiceError",
     "StopRegistry",
     "UploadError",
     "UploadOptionError",
     "UploadedImage",
+    "UploadedStudy",
     "UserStop",
     "clean_context",
     "clean_instruction",
@@ -86,11 +110,13 @@ __all__ = [
     "free_accelerator_memory",
     "is_out_of_memory",
     "load_for_demo",
+    "load_study",
     "load_upload",
     "model_panel",
     "read_choice",
     "read_number",
     "read_upload",
+    "study_paths",
     "upload_path",
     "warm_up_on_gpu",
     "window_choices",
@@ -165,12 +191,20 @@ def _is_dicom(suffix: str, data: bytes) -> bool:
     return suffix in DICOM_SUFFIXES or has_dicom_preamble(data)
 
 
+# The demo's default window: the study's own default (multi for a grayscale CT series, else header).
+AUTO_WINDOW = "auto"
+DEMO_WINDOWS: tuple[str, ...] = (AUTO_WINDOW, *ALL_WINDOWS)
+
+
 def window_choices() -> list[tuple[str, str]]:
-    """(label, value) pairs for the window selector; the values are radiology.dicom's WINDOW_CHOICES."""
-    labels = {HEADER_WINDOW: "header: the file's own window", FULL_RANGE: "full: the frame's whole range"}
+    """(label, value) pairs for the window selector: DEMO_WINDOWS, i.e. auto, then radiology.dicom's
+    WINDOW_CHOICES, then multi."""
+    labels = {AUTO_WINDOW: "auto: multi for a CT series, else the file's own window",
+              HEADER_WINDOW: "header: the file's own window", FULL_RANGE: "full: the frame's whole range",
+              MULTI_WINDOW: "multi: three CT windows in R, G, B, as MedGemma reads CT (CT only)"}
     for name, (center, width) in WINDOW_PRESETS.items():
         labels[name] = f"{name}: C {center:g} / W {width:g} (CT only)"
-    return [(labels[value], value) for value in WINDOW_CHOICES]
+    return [(labels[value], value) for value in DEMO_WINDOWS]
 
 
 def _frame_index(frame_number: float | None) -> int | None:
@@ -190,8 +224,8 @@ def _read_dicom(data: bytes, window: str | None, frame_number: float | None) -> 
         buffer.name = "upload.dcm"
         return buffer
 
-    if window is not None and window not in WINDOW_CHOICES:
-        raise UploadOptionError(f"Unknown window {str(window)[:40]!r}: choose one of {', '.join(WINDOW_CHOICES)}.")
+    if window is not None and window not in ALL_WINDOWS:
+        raise UploadOptionError(f"Unknown window {str(window)[:40]!r}: choose one of {', '.join(ALL_WINDOWS)}.")
     index = _frame_index(frame_number)
     try:
         return read_dicom_image(source(), window=window or HEADER_WINDOW, frame=index)
@@ -215,7 +249,7 @@ def load_upload(
 
     DICOM (a ``.dcm``/``.dicom`` name, or the 'DICM' marker under any name; preamble-less files
     too when named ``.dcm``) is rendered by ``radiology.dicom`` with ``window`` (one of
-    WINDOW_CHOICES; default: the file's own) and ``frame_number`` (1-based; default: the middle
+    ALL_WINDOWS; default: the file's own) and ``frame_number`` (1-based; default: the middle
     frame); both are ignored for other images. Pillow's decompression-bomb guard
     (``Image.MAX_IMAGE_PIXELS``) stays on: a small file that claims a huge size is refused before
     its pixels are decoded.
@@ -294,6 +328,337 @@ def _within_working_pixels(image: Image.Image) -> Image.Image:
 def read_upload(path: str | Path | None, window: str | None = None, frame_number: float | None = None) -> Image.Image:
     """The image of ``load_upload``: what the model gets."""
     return load_upload(path, window, frame_number).image
+
+
+# --------------------------------------------------------------------------- studies: several files, a series, a prior
+
+# A request's files: images, DICOM, and a zipped DICOM series.
+STUDY_SUFFIXES: tuple[str, ...] = (*UPLOAD_SUFFIXES, ".zip")
+# Images one prompt may carry (256 tokens each): a series is sampled down to the chosen number.
+MAX_STUDY_IMAGES = 16
+# Pixels of all the images one request sends (a series' slices from their headers, before decoding):
+# 64 megapixels hold 16 slices of 2000 x 2000 and keep a request's working memory near 200 MB.
+STUDY_PIXELS = 64_000_000
+# Files and bytes of one request (the study and its prior), checked before any file is read.
+STUDY_LIMITS = SeriesLimits(max_files=1000, max_slices=1000, max_total_bytes=2 * 2**30)
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+class SeriesChoiceError(UploadOptionError):
+    """The upload holds several DICOM series and none was chosen; ``choices`` are (number, line)
+    pairs to choose from (modality, orientation, slices, size: nothing else from the headers)."""
+
+    def __init__(self, message: str, choices: Sequence[tuple[int, str]]):
+        super().__init__(message)
+        self.choices = list(choices)
+
+
+@dataclass(frozen=True)
+class UploadedStudy:
+    """A request's files as the model gets them, and what the page may show about them.
+
+    ``kind``: "image" (one file, as ``load_upload`` reads it), "views" (several single images, in
+    upload order) or "series" (a DICOM series' slices in anatomical order). ``total`` counts the
+    items a viewer can step through (slices, views, or 1), ``sent`` the 0-based ones the model
+    gets, and ``images`` are those images in order (empty when not rendered). ``prior`` is a prior
+    study's image, placed first in the prompt. ``attributes`` and ``window`` are technical values
+    only; ``warning`` is set when a file declares burned-in annotation.
+    """
+
+    kind: str
+    total: int
+    sent: tuple[int, ...]
+    images: tuple[Image.Image, ...]
+    attributes: dict[str, str]
+    window: str | None  # the DICOM window's label, None without DICOM
+    window_name: str | None  # the window's name (one of ALL_WINDOWS) that rendered it, None without DICOM
+    warning: str | None
+    prior: UploadedImage | None = None
+    single: UploadedImage | None = None  # kind "image"
+    views: tuple[UploadedImage, ...] = ()  # kind "views"
+    series: Series | None = None  # kind "series"
+
+    def describe(self) -> str:
+        """The settings line's part: ``images: 8 (slices 1, 44, ... of 300) + prior``."""
+        slices = describe_indices(self.sent, self.total) if self.kind == "series" else None
+        return describe_study(len(self.sent), slices, self.prior is not None)
+
+    def item(self, index: int) -> UploadedImage:
+        """Item ``index`` (0-based: a slice, a view) exactly as the model gets it when it is sent."""
+        if not 0 <= index < self.total:
+            raise UploadOptionError(f"There is no image {index + 1}: this study has {self.total}, numbered 1 to "
+                                    f"{self.total}.")
+        if self.single is not None:
+            return self.single
+        if self.views:
+            return self.views[index]
+        assert self.series is not None
+        (shown,) = _render_slices(self.series, [index], self.window_name)
+        return UploadedImage(image=shown.image, dicom=shown)
+
+
+def study_paths(payload: object) -> list[str]:
+    """The server-side paths of the upload control's value as Gradio hands it over unprocessed:
+    a file-data dict (one file, as scripts send it) or a list of them, in upload order. An empty
+    list when nothing was sent; ControlError for anything else."""
+    if payload is None:
+        return []
+    items = payload if isinstance(payload, list) else [payload]
+    paths = [upload_path(item) for item in items]
+    if any(path is None for path in paths):
+        raise ControlError(
+            "The image must be a file uploaded to this app (the page's upload button, or gradio_client's "
+            "handle_file).", "image"
+        )
+    return [path for path in paths if path is not None]
+
+
+def _numbered(number: int, count: int, message: str) -> str:
+    """``File 2 of 3: <message>`` where a request holds several files (files are named by number)."""
+    return message if count == 1 else f"File {number} of {count}: {message[:1].lower()}{message[1:]}"
+
+
+def _check_study_files(paths: Sequence[str], prior: str | None, limits: SeriesLimits) -> None:
+    """The checks that need no reading: the number of files, their names, their bytes together."""
+    count = len(paths) + (prior is not None)
+    if count > limits.max_files:
+        raise UploadError(f"This request holds {count} files; this app takes at most {limits.max_files}: upload the "
+                          "series as a .zip, or fewer files.")
+    sizes = []
+    for number, path in enumerate(paths, start=1):
+        suffix = Path(path).suffix.lower()
+        if suffix not in STUDY_SUFFIXES:
+            shown = suffix if 0 < len(suffix) <= 8 else "(none)"
+            raise UploadError(_numbered(number, len(paths), (
+                f"Unsupported file type {shown}: upload a {_UPLOAD_NAMES} file (or several), or a DICOM series as a "
+                ".zip (a DICOM file without a name ending, such as IM000001 from a DICOMDIR, can be renamed to .dcm).")))
+        try:
+            sizes.append(Path(path).stat().st_size)
+        except FileNotFoundError:
+            raise UploadError(
+                "The uploaded file is no longer on the server (uploads are deleted after a while): upload it again."
+            ) from None
+    total = sum(sizes) + (Path(prior).stat().st_size if prior is not None and Path(prior).is_file() else 0)
+    if total > limits.max_total_bytes:
+        raise UploadError(f"This request holds {total / 2**20:,.0f} MiB of files; this app takes at most "
+                          f"{limits.max_total_bytes / 2**20:,.0f} MiB at once: upload fewer slices (a part of the "
+                          "series, or fewer series in the .zip).")
+
+
+def _head(path: str) -> bytes:
+    with open(path, "rb") as fp:
+        return fp.read(132)
+
+
+def _render_slices(series: Series, indices: Sequence[int], window: str | None) -> list[DicomImage]:
+    try:
+        return read_series_slices(series, indices, window)
+    except DicomOptionError as err:  # a window the series cannot take (SeriesOptionError included)
+        raise UploadOptionError(_sentence(str(err))) from None
+    except DicomError as err:  # names slices and files by number, never a header value
+        raise UploadError(_sentence(str(err))) from None
+
+
+def _open_series(source: str | list[str], series: int | None, limits: SeriesLimits) -> Series:
+    try:
+        return load_series(source, series, limits=limits)
+    except MultipleSeriesError as err:
+        raise _choice_error(err) from None
+    except DicomOptionError as err:  # a series number that is not there
+        raise UploadOptionError(_sentence(str(err))) from None
+    except DicomError as err:
+        raise UploadError(_sentence(str(err))) from None
+
+
+def _choice_error(err: MultipleSeriesError) -> SeriesChoiceError:
+    choices = [(c.number, c.line().split(": ", 1)[1]) for c in err.choices]
+    listing = "; ".join(f"{number}: {line}" for number, line in choices)
+    return SeriesChoiceError(f"This upload holds {len(choices)} DICOM series; choose one under Series (series= in "
+                             f"the API): {listing}.", choices)
+
+
+def _grouped_series(paths: list[str], series: int | None, max_images: int, limits: SeriesLimits) -> Series | None:
+    """The DICOM files of an upload of several files as one series; None, where no series was
+    chosen, for files that are no series but views: single images of different series (e.g. a PA
+    and a lateral film), a few images of one series that cannot be stacked (their sizes or
+    orientations differ: again two views), or no DICOM image at all (each file's own reading then
+    says what is wrong with it)."""
+    try:
+        found = load_series(paths, series, limits=limits)  # headers only
+    except MultipleSeriesError as err:
+        if all(choice.slices == 1 for choice in err.choices):
+            return None
+        raise _choice_error(err) from None
+    except NoSlicesError:
+        return None
+    except MixedSeriesError as err:
+        if series is None and len(paths) <= max_images:
+            return None
+        raise UploadError(_sentence(str(err))) from None
+    except DicomOptionError as err:
+        raise UploadOptionError(_sentence(str(err))) from None
+    except DicomError as err:
+        raise UploadError(_sentence(str(err))) from None
+    return found if len(found) > 1 or series is not None else None
+
+
+def _slice_span(first: int | None, last: int | None, total: int) -> tuple[int, int]:
+    start, end = first or 1, last or total
+    if not 1 <= start <= end <= total:
+        raise UploadOptionError(
+            f"The slice range {start} to {end} does not fit this series: its slices are numbered 1 to {total}; give a "
+            "first slice no later than the last (or leave them empty for the whole series)."
+        )
+    return start, end
+
+
+def _series_study(
+    series: Series, window: str | None, max_images: int, first: int | None, last: int | None, render: bool,
+) -> UploadedStudy:
+    total = len(series)
+    sent = sample_indices(total, max_images, _slice_span(first, last, total))
+    pixels = series.rows * series.columns * len(sent)
+    if pixels > STUDY_PIXELS:
+        fits = max(1, STUDY_PIXELS // (series.rows * series.columns))
+        raise UploadOptionError(
+            f"{len(sent)} slices of {series.rows} x {series.columns} are {pixels / 1e6:.0f} megapixels, above this "
+            f"app's {STUDY_PIXELS / 1e6:.0f} per request: set Max images to {fits} or fewer."
+        )
+    name = window or series.default_window
+    shown = _render_slices(series, sent, name) if render else []
+    labels = {s.window for s in shown}
+    label = labels.pop() if len(labels) == 1 else ("from each file" if labels else name)
+    attributes = {
+        "Modality": series.modality or "not given",
+        "Orientation": series.orientation,
+        "Slices": f"{total}, ordered by {series.ordered_by}",
+        "Rows x columns": f"{series.rows} x {series.columns}",
+        "Window": label,
+    }
+    if series.series_count > 1:
+        attributes["Series"] = f"{series.number} of {series.series_count}"
+    if series.skipped:
+        counts = ", ".join(f"{n} {reason}" for reason, n in sorted(series.skipped.items()))
+        attributes["Skipped files"] = f"{sum(series.skipped.values())} of {series.files} ({counts})"
+    return UploadedStudy(
+        kind="series", total=total, sent=tuple(sent), images=tuple(s.image for s in shown), attributes=attributes,
+        window=label, window_name=name, warning=BURNED_IN_WARNING if series.burned_in_annotation else None,
+        series=series,
+    )
+
+
+def _views_study(paths: Sequence[str], window: str | None, max_images: int) -> UploadedStudy:
+    if len(paths) > max_images:
+        raise UploadOptionError(f"{len(paths)} images uploaded; the model gets at most {max_images} at once (Max "
+                                "images): raise it, or upload fewer.")
+    views, pixels = [], 0
+    for number, path in enumerate(paths, start=1):
+        try:
+            view = load_upload(path, window)
+        except UploadError as err:
+            raise type(err)(_numbered(number, len(paths), str(err))) from None
+        views.append(view)
+        pixels += view.image.width * view.image.height
+        if pixels > STUDY_PIXELS:  # each image is bounded on its own; this bounds the request
+            raise UploadError(f"These images hold more than {STUDY_PIXELS / 1e6:.0f} megapixels together, this "
+                              "app's limit per request: upload fewer or smaller images.")
+    labels = {v.dicom.window for v in views if v.dicom is not None}
+    label = (labels.pop() if len(labels) == 1 else "from each file") if labels else None
+    attributes = {"Images": f"{len(views)}, in upload order"}
+    if label is not None:
+        attributes["Window"] = label
+    return UploadedStudy(
+        kind="views", total=len(views), sent=tuple(range(len(views))), images=tuple(v.image for v in views),
+        attributes=attributes, window=label, window_name=(window or HEADER_WINDOW) if label else None,
+        warning=BURNED_IN_WARNING if any(v.dicom is not None and v.dicom.warning for v in views) else None,
+        views=tuple(views),
+    )
+
+
+def _single_study(shown: UploadedImage, window: str | None) -> UploadedStudy:
+    dicom = shown.dicom
+    return UploadedStudy(
+        kind="image", total=1, sent=(0,), images=(shown.image,),
+        attributes=dict(dicom.attributes) if dicom is not None else {},
+        window=dicom.window if dicom is not None else None, window_name=window if dicom is not None else None,
+        warning=dicom.warning if dicom is not None else None, single=shown,
+    )
+
+
+def _load_prior(path: str, window: str | None) -> UploadedImage:
+    """The prior study's image: the study's window where the file takes it, else the file's own."""
+    try:
+        try:
+            return load_upload(path, window)
+        except UploadOptionError:
+            return load_upload(path)
+    except UploadError as err:
+        raise type(err)(f"Prior study: {str(err)[:1].lower()}{str(err)[1:]}") from None
+
+
+def load_study(
+    paths: Sequence[str],
+    window: str | None = None,
+    frame_number: float | None = None,
+    series: int | None = None,
+    max_images: int = DEFAULT_MAX_IMAGES,
+    first_slice: int | None = None,
+    last_slice: int | None = None,
+    prior: str | None = None,
+    limits: SeriesLimits = STUDY_LIMITS,
+    render: bool = True,
+) -> UploadedStudy:
+    """A request's uploaded files as one study, or UploadError saying why not.
+
+    - One file: as ``load_upload`` reads it, except a multi-frame DICOM file without ``frame_number``,
+      which is a series of its frames, and a .zip, which holds a DICOM series.
+    - Several files: DICOM files are grouped into a series (``radiology.series``: ordered by their
+      geometry; ``series`` picks one where they hold several, else SeriesChoiceError lists them);
+      several single images (PNG, JPEG, single-image DICOM files of different series, or up to
+      ``max_images`` DICOM files that do not stack, e.g. two views) stay in upload order. A series
+      with other images, or a .zip with other files, is refused.
+    - A series is sampled to ``max_images`` evenly spaced slices of ``first_slice``..``last_slice``
+      (1-based; None: the ends) and rendered with ``window`` (None: multi for grayscale CT, else
+      the files' own). ``render=False`` leaves a series' slices unrendered (a viewer's step).
+    - ``prior``: one image or DICOM file of a prior study, with the study's window where it fits.
+
+    Every file passes the checks of one upload: the allowed names, ``limits`` (files and bytes of
+    the request, one file's bytes, slices), each DICOM header read without its pixels, the
+    decoders' own guards, and STUDY_PIXELS for the images sent. Messages name files by number.
+    """
+    if not paths:
+        raise UploadError(f"No image: upload a {_UPLOAD_NAMES} file (or several, or a DICOM series as a .zip) first.")
+    _check_study_files(paths, prior, limits)
+    suffixes = [Path(p).suffix.lower() for p in paths]
+    heads = [_head(p) for p in paths]
+    if ".zip" in suffixes or any(head[:4] in _ZIP_MAGIC for head in heads):
+        if len(paths) > 1:
+            raise UploadError("Upload a .zip alone (one DICOM series, or a study to choose a series from), or the "
+                              "files themselves, not both.")
+        study = _series_study(_open_series(paths[0], series, limits), window, max_images, first_slice, last_slice,
+                              render)
+    elif len(paths) == 1:
+        shown = load_upload(paths[0], window, frame_number)
+        if shown.dicom is not None and shown.dicom.frames > 1 and frame_number is None:
+            study = _series_study(_open_series(paths[0], series, limits), window, max_images, first_slice,
+                                  last_slice, render)
+        else:
+            study = _single_study(shown, window or HEADER_WINDOW)
+    else:
+        dicom = [p for p, suffix, head in zip(paths, suffixes, heads) if _is_dicom(suffix, head)]
+        grouped = _grouped_series(dicom, series, max_images, limits) if dicom else None
+        if grouped is not None:
+            if len(dicom) < len(paths):
+                raise UploadError("This upload mixes a DICOM series with other images: upload the series alone (its "
+                                  "files or a .zip), and an earlier study as the prior.")
+            study = _series_study(grouped, window, max_images, first_slice, last_slice, render)
+        else:
+            study = _views_study(paths, window, max_images)
+    if prior is None:
+        return study
+    prior_image = _load_prior(prior, study.window_name or window)
+    warning = study.warning or (prior_image.dicom.warning if prior_image.dicom is not None else None)
+    return dataclasses.replace(study, prior=prior_image, warning=warning)
 
 
 def clean_instruction(text: object, limit: int = MAX_INSTRUCTION_CHARS) -> str:
@@ -375,17 +740,18 @@ def read_choice(value: object, control: str, choices: Sequence[str], default: st
     raise ControlError(f"{control} must be one of: {', '.join(choices)}.", control)
 
 
-def upload_path(payload: object) -> str | None:
-    """The server-side path of the upload control's value as Gradio hands it over without its own
+def upload_path(payload: object, control: str = "image") -> str | None:
+    """The server-side path of an upload control's value as Gradio hands it over without its own
     preprocessing (a file-data dict; Gradio has already checked that the file was uploaded here).
-    None when no file was sent; ControlError for anything else."""
+    None when no file was sent; ControlError (naming ``control``: "image", "prior study") for
+    anything else."""
     if payload is None:
         return None
     path = payload.get("path") if isinstance(payload, dict) else None
     if not isinstance(path, str) or not path:
         raise ControlError(
-            "The image must be a file uploaded to this app (the page's upload button, or gradio_client's "
-            "handle_file).", "image"
+            f"The {control} must be a file uploaded to this app (the page's upload button, or gradio_client's "
+            "handle_file).", control
         )
     return path
 

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import urllib.request
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -423,9 +424,9 @@ def test_ct_window_on_a_non_ct_file_is_explained_not_applied(app_server, tmp_pat
     mr = tmp_path / "mr.dcm"
     mr.write_bytes(Path(get_testdata_file("MR_small.dcm")).read_bytes())
     client = app_server.client()
-    # The preview falls back to the file's own window and puts it into the selector ...
+    # The preview falls back to the default (the file's own window) and puts auto into the selector ...
     image, _, window, _, attributes = preview(client, mr, "lung")
-    assert value(window) == "header" and "from the file" in value(attributes)
+    assert value(window) == "auto" and "from the file" in value(attributes)
     # ... and a request that insists gets a message saying why and what to choose.
     with pytest.raises(AppError, match="lung preset is a CT window.*not CT; use 'header' or 'full'"):
         client.predict(*generate_args(mr, max_new_tokens=4), None, "lung", None, api_name="/generate")
@@ -433,17 +434,23 @@ def test_ct_window_on_a_non_ct_file_is_explained_not_applied(app_server, tmp_pat
     assert text.strip() and "DICOM window: from the file" in about
 
 
-def test_multi_frame_dicom_shows_the_middle_frame_and_takes_a_chosen_one(app_server, tmp_path):
+def test_multi_frame_dicom_is_a_series_of_its_frames_and_takes_a_chosen_frame(app_server, tmp_path):
     from pydicom.data import get_testdata_file
+
+    from radiology.dicom import read_dicom_image
 
     series = tmp_path / "series.dcm"
     series.write_bytes(Path(get_testdata_file("emri_small.dcm")).read_bytes())  # 10 frames
     client = app_server.client()
-    _, _, _, frame, attributes = preview(client, series)
-    assert value(frame) == 6 and visible(frame) and "1 to 10" in frame["label"]
-    assert "Frame shown: 6 of 10" in value(attributes)
+    image, _, _, frame, attributes = preview(client, series)
+    # The middle frame, as before; the attributes are the series' (the page's slider steps through the frames).
+    assert np.array_equal(np.asarray(image), np.asarray(read_dicom_image(series).image))
+    assert not visible(frame) and "**DICOM series**" in value(attributes) and "Slices: 10" in value(attributes)
+    _, sampled = client.predict(*generate_args(series, max_new_tokens=4), api_name="/generate")
+    assert "images: 8 (slices 1, 2, 4-7, 9, 10 of 10)" in sampled
+    # A frame sent through the API: that frame alone, as before.
     _, first = client.predict(*generate_args(series, max_new_tokens=4), None, "header", 1, api_name="/generate")
-    assert "frame 1 of 10" in first
+    assert "images: 1 · DICOM window: full range" in first and "frame 1 of 10" in first
     with pytest.raises(AppError, match="Frame 11 does not exist: this file has 10 frame.*numbered 1 to 10"):
         client.predict(*generate_args(series, max_new_tokens=4), None, "header", 11, api_name="/generate")
 
@@ -634,6 +641,51 @@ def test_patient_data_in_dicom_uploads_stays_out_of_answers_log_and_files(app_pr
         assert files_with_sentinel(folder, skip=uploads) == []
 
 
+def test_patient_data_in_studies_stays_out_of_answers_log_and_files(app_process, tmp_path):
+    """Series (files, a .zip, two series in a .zip), a prior and refused studies, through `python app.py`."""
+    from gradio_client import Client
+
+    from tests.test_app_study import study_args, zipped
+    from tests.test_series import CT2, MR700, copy_series
+
+    mr, ct = tmp_path / "mr", tmp_path / "ct"
+    copy_series(MR700, mr)
+    copy_series(CT2, ct, seed=5)
+    study = zipped(tmp_path / f"{SENTINEL}_study.zip", (mr, f"{SENTINEL}_mr/"))
+    two = zipped(tmp_path / f"{SENTINEL}_two.zip", (mr, "mr/"), (ct, "ct/"))
+    unsafe = tmp_path / f"{SENTINEL}_unsafe.zip"
+    with zipfile.ZipFile(unsafe, "w") as evil:
+        evil.writestr(f"../{SENTINEL}.dcm", b"x")
+    prior = write_sentinel_dicom(tmp_path, f"{SENTINEL}_prior.dcm", burned_in_annotation="YES")
+    before = {p for folder in app_process.folders for p in folder.rglob("*") if p.is_file()}  # earlier tests'
+    client = Client(app_process.url, verbose=False)
+    returned: list = []
+    images: list[bytes] = []
+    for files in (study, sorted(mr.iterdir()), sorted(ct.iterdir())):
+        upload = [handle_file(str(f)) for f in files] if isinstance(files, list) else handle_file(str(files))
+        image, *rest = client.predict(upload, "auto", api_name="/preview")
+        images.append(Path(image).read_bytes())
+        returned += rest
+    returned += client.predict(*study_args(study, prior=prior, max_images=3), api_name="/generate")
+    returned += client.predict(*study_args(two, series=2, context="58-year-old smoker"), api_name="/generate")
+    for bad in (study_args(two), study_args(unsafe), study_args(study, first=3, last=99)):
+        with pytest.raises(AppError) as caught:
+            client.predict(*bad, api_name="/generate")
+        returned.append(str(caught.value))
+    assert "choose one under Series" in returned[-3] and "outside the archive" in returned[-2]
+    assert "images: 3 (slices 1, 4, 7 of 7) + prior" in returned[-6]
+    assert not sentinel_hits(json.dumps(returned, default=str), *images)
+    log = app_process.log.read_text()
+    assert not sentinel_hits(log) and "_study" not in log and "_prior" not in log and "_two" not in log
+    # The server's folders: the uploaded copies (deleted after --upload_ttl) and nothing else with the data.
+    uploaded_names = {p.name for p in [study, two, unsafe, prior, *mr.iterdir(), *ct.iterdir()]}
+    files = [p for folder in app_process.folders for p in folder.rglob("*") if p.is_file() and p not in before]
+    kept = tuple(p for p in files if p.name in uploaded_names)
+    assert {study.name, two.name, unsafe.name, prior.name} <= {p.name for p in kept}
+    assert not [p for p in files if SENTINEL.lower() in p.name.lower() and p not in kept]
+    assert [p for folder in app_process.folders for p in files_with_sentinel(folder, skip=kept) if p not in before] == []
+
+
 # --------------------------------------------------------------------------- every control, checked by the server
 
 
@@ -675,7 +727,7 @@ BAD_VALUES = [
     ("seed", [NAN, INF, "PHI-4242", -1, 2**32, 0.5, {"a": 1}],
      "Seed must be a whole number from 0 to 4294967295, or empty for a random one."),
     ("window", ["PHI-4242", 3, ["lung"]],
-     "DICOM window must be one of: header, full, lung, mediastinum, abdomen, bone, brain."),
+     "DICOM window must be one of: auto, header, full, lung, mediastinum, abdomen, bone, brain, multi."),
     ("frame", [NAN, INF, "abc", 0, 1.5], "Frame must be a whole number from 1, or empty for the middle frame."),
     ("instruction", ["x" * 2001, 42, ["a"]], "The instruction must be text of at most 2000 characters; shorten it."),
     ("context", ["x" * 1001, 42, {"a": 1}],
@@ -734,7 +786,11 @@ def test_instruction_with_a_control_token_is_refused_up_front(app_server, token,
 def test_malformed_requests_are_refused_with_the_controls_named(app_server, tmp_path):
     image = uploaded(app_server, EXAMPLE)
     event, payload = raw_call(app_server, "generate", [image, "Describe.", "greedy", 1.0, 0.95, 64, 8, "PHI-4242"])
-    assert event == "error" and payload["error"].startswith("This request sent 8 values; it takes 11: Image, ")
+    assert event == "error" and payload["error"].startswith("This request sent 8 values; it takes 16: Image, study")
+    assert "Max images" in payload["error"] and "PHI-4242" not in payload["error"]
+    # The 11 values the API took before studies still make a request: the study's controls take their defaults.
+    event, payload = raw_call(app_server, "generate", [image, *GOOD_RAW])
+    assert event == "complete" and "images: 1 · " in payload[1]
     not_uploaded = tmp_path / "PHI-4242_scan.png"
     not_uploaded.write_bytes(EXAMPLE.read_bytes())
     for upload in ({"path": str(not_uploaded), "meta": {"_type": "gradio.FileData"}}, "PHI-4242", 7):

@@ -196,7 +196,7 @@ def test_dicom_upload_window_history_and_a_baseline_side_by_side(browser, baseli
     page.close()
 
 
-def test_multi_frame_dicom_frame_box_changes_the_preview(browser, app_server, tmp_path):
+def test_multi_frame_dicom_is_a_series_on_the_slider(browser, app_server, tmp_path):
     from pydicom.data import get_testdata_file
 
     series = tmp_path / "series.dcm"
@@ -205,17 +205,76 @@ def test_multi_frame_dicom_frame_box_changes_the_preview(browser, app_server, tm
     page.goto(app_server.url)
     page.locator("#disclaimer").wait_for(state="visible", timeout=60_000)
     page.locator("#upload input[type=file]").set_input_files(str(series))
-    frame = page.locator("#frame input")
-    frame.wait_for(state="visible", timeout=30_000)
-    assert frame.input_value() == "6" and "1 to 10" in page.locator("#frame").inner_text()
-    attributes = page.locator("#dicom-attributes")
-    assert "Frame shown: 6 of 10" in attributes.inner_text()
+    slider = page.locator("#slice")
+    slider.wait_for(state="visible", timeout=30_000)
+    assert "Slice 6 of 10: sent to the model" in slider.inner_text()  # the middle frame, as before
+    assert "Slices: 10" in page.locator("#dicom-attributes").inner_text()
+    assert not page.locator("#frame").is_visible()
+    page.wait_for_function("() => document.querySelectorAll('#sent img').length === 8", timeout=30_000)
     before = page.locator("#preview img").get_attribute("src")
-    frame.fill("2")
-    page.wait_for_function(
-        "() => document.querySelector('#dicom-attributes').innerText.includes('Frame shown: 2 of 10')",
-        timeout=30_000,
-    )
-    assert page.locator("#preview img").get_attribute("src") != before
+    slider.locator("input[type=range]").focus()
+    page.keyboard.press("ArrowLeft")
+    page.wait_for_function("() => document.querySelector('#slice').innerText.includes('Slice 5 of 10: sent')",
+                           timeout=30_000)
+    page.wait_for_function(f"() => document.querySelector('#preview img').getAttribute('src') !== {before!r}",
+                           timeout=30_000)
     assert not page.locator("#burned-in-warning").is_visible()
+    page.close()
+
+
+def test_a_zipped_series_slice_slider_sent_slices_and_a_prior(browser, app_server, tmp_path):
+    import zipfile
+
+    from tests.fixtures import sentinel_hits, write_sentinel_dicom
+    from tests.test_series import MR700, copy_series
+
+    copy_series(MR700, tmp_path / "mr")  # 7 slices, names and headers with planted patient data
+    archive = tmp_path / "study.zip"  # (the upload box shows the name the person picked; its members hold the data)
+    with zipfile.ZipFile(archive, "w") as study:
+        for path in sorted((tmp_path / "mr").iterdir()):
+            study.write(path, path.name)
+    page = browser.new_page(viewport={"width": 1280, "height": 1400})
+    page.goto(app_server.url)
+    page.locator("#disclaimer").wait_for(state="visible", timeout=60_000)
+    max_images = page.locator("#max-images input[type=number]")
+    max_images.fill("3")
+    max_images.press("Enter")
+    page.wait_for_function("() => document.querySelector('#max-images input[type=range]').value === '3'",
+                           timeout=10_000)
+    page.locator("#upload input[type=file]").set_input_files(str(archive))
+    slider = page.locator("#slice")
+    slider.wait_for(state="visible", timeout=30_000)
+    page.wait_for_function("() => document.querySelectorAll('#sent img').length === 3", timeout=30_000)
+    # The middle slice is shown, and it is one the model gets; the gallery shows the three it gets.
+    assert "Slice 4 of 7: sent to the model" in slider.inner_text()
+    sent = page.locator("#sent").inner_text()
+    assert "Sent to the model, in order: 3 (slices 1, 4, 7 of 7)" in sent
+    assert all(f"slice {n}" in sent for n in (1, 4, 7))
+    attributes = page.locator("#dicom-attributes").inner_text()
+    assert "DICOM series" in attributes and "Modality: MR" in attributes and "Slices: 7" in attributes
+
+    # One step along the slider: slice 5, shown as the model would get it, not sent.
+    before = page.locator("#preview img").get_attribute("src")
+    slider.locator("input[type=range]").focus()
+    page.keyboard.press("ArrowRight")
+    page.wait_for_function("() => document.querySelector('#slice').innerText.includes('Slice 5 of 7: not sent')",
+                           timeout=30_000)
+    page.wait_for_function(f"() => document.querySelector('#preview img').getAttribute('src') !== {before!r}",
+                           timeout=30_000)
+
+    # A prior study comes first among the images sent.
+    page.locator("#prior input[type=file]").set_input_files(str(write_sentinel_dicom(tmp_path, "prior.dcm")))
+    page.wait_for_function("() => document.querySelectorAll('#sent img').length === 4", timeout=30_000)
+    assert page.locator("#sent").inner_text().index("prior study") < page.locator("#sent").inner_text().index("slice 1")
+
+    page.locator("#generate").click()
+    page.wait_for_function("() => /done in/.test(document.querySelector('#answer-settings').innerText)",
+                           timeout=120_000)
+    assert "images: 3 (slices 1, 4, 7 of 7) + prior" in page.locator("#answer-settings").inner_text()
+    assert not sentinel_hits(page.content())
+
+    screenshot = tmp_path / "series.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    assert screenshot.stat().st_size > 10_000
+    print(f"screenshot: {screenshot}")
     page.close()

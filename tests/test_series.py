@@ -279,6 +279,30 @@ def test_zip_with_two_series_is_refused_with_the_list_then_chosen(tmp_path, quie
     assert not sentinel_hits(str(refused.value), chosen.description)
 
 
+def test_burned_in_annotation_is_read_from_every_header(tmp_path, monkeypatch):
+    copy_series(MR700, tmp_path / "clean")
+    assert load_series(tmp_path / "clean").burned_in_annotation is False
+    names = copy_series(MR700, tmp_path / "one")
+    flagged = sorted(names)[3]
+    write_sentinel_dicom(tmp_path / "one", flagged, source=f"{MR700}/{names[flagged]}", burned_in_annotation="YES")
+
+    def decoding(*args, **kwargs):
+        raise AssertionError("the flag must come from the headers, without decoding a slice")
+
+    monkeypatch.setattr(radiology.series, "read_dicom_frames", decoding)
+    assert load_series(tmp_path / "one").burned_in_annotation is True  # one file of seven declares it
+
+
+def test_read_series_slices_gives_the_rendered_slices_with_their_labels(tmp_path):
+    copy_series(CT5N, tmp_path, burned_in_annotation="YES")
+    series = load_series(tmp_path)
+    shown = radiology.series.read_series_slices(series, [4, 0])
+    assert [np.array_equal(as_array(s.image), as_array(i)) for s, i in zip(shown, render_series(series, [4, 0]))] == [
+        True, True]
+    assert all(s.window.startswith("multi") and s.burned_in_annotation for s in shown)
+    assert all(s.attributes["Modality"] == "CT" and not sentinel_hits(repr(s.attributes)) for s in shown)
+
+
 def test_mixed_orientations_are_refused(tmp_path):
     # CT2N: one series of two slices, one sagittal and one coronal.
     copy_series(f"{DIRTESTS}/98892001/CT2N", tmp_path / "ct2n")
@@ -445,6 +469,10 @@ def test_sampling_spreads_slices_evenly_with_both_ends():
     assert sample_indices(300, 8, slice_range=(5, 5)) == [4]
     assert all(len(set(sample_indices(n, k))) == min(n, k) for n in range(1, 40) for k in range(1, 12))
     assert describe_indices([0, 2, 4, 6], 7) == "slices 1, 3, 5, 7 of 7"
+    # Runs of three or more neighbours read as ranges; two stay listed.
+    assert describe_indices(range(7), 7) == "slices 1-7 of 7"
+    assert describe_indices([2, 4, 5, 6, 7, 8, 11, 12], 20) == "slices 3, 5-9, 12, 13 of 20"
+    assert describe_indices([4], 9) == "slices 5 of 9"
     for bad in (dict(max_images=0), dict(slice_range=(0, 3)), dict(slice_range=(5, 4)), dict(slice_range=(1, 301))):
         with pytest.raises(SeriesOptionError):
             sample_indices(300, **{"max_images": 8, **bad})

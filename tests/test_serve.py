@@ -343,6 +343,43 @@ def test_upload_path_takes_gradios_file_data_only():
     for bad in ("/etc/passwd", {"url": "x"}, {"path": 3}, [{"path": "a.png"}]):
         with pytest.raises(ControlError, match="^The image must be a file uploaded to this app"):
             upload_path(bad)
+    with pytest.raises(ControlError, match="^The prior study must be a file uploaded to this app") as caught:
+        upload_path("PHI-4242", "prior study")
+    assert caught.value.control == "prior study" and "PHI-4242" not in str(caught.value)
+
+
+def test_study_paths_take_one_file_or_several_in_upload_order():
+    from radiology.serve import study_paths
+
+    one = {"path": "/tmp/gradio/a/scan.dcm"}
+    assert study_paths(None) == [] and study_paths(one) == ["/tmp/gradio/a/scan.dcm"]
+    assert study_paths([{"path": "/tmp/b.png"}, one]) == ["/tmp/b.png", "/tmp/gradio/a/scan.dcm"]
+    for bad in ("/etc/passwd", [one, "PHI-4242"], [one, None], {"url": "x"}):
+        with pytest.raises(ControlError, match="^The image must be a file uploaded to this app") as caught:
+            study_paths(bad)
+        assert "PHI-4242" not in str(caught.value)
+
+
+def test_the_window_selector_offers_auto_and_multi_labelled_for_ct():
+    from radiology.dicom import WINDOW_CHOICES
+    from radiology.serve import window_choices
+
+    choices = dict((value, label) for label, value in window_choices())
+    assert list(choices) == ["auto", *WINDOW_CHOICES, "multi"]
+    assert choices["multi"] == "multi: three CT windows in R, G, B, as MedGemma reads CT (CT only)"
+    assert choices["auto"].startswith("auto: multi for a CT series")
+    assert choices["lung"] == "lung: C -600 / W 1500 (CT only)"
+
+
+def test_a_single_dicom_upload_takes_the_multi_window(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    from radiology.dicom import read_dicom_image
+
+    shown = load_upload(get_testdata_file("CT_small.dcm"), window="multi")
+    assert shown.dicom.window.startswith("multi (wide -1024..1024 HU")
+    assert np.array_equal(_pixels(shown.image), _pixels(read_dicom_image(get_testdata_file("CT_small.dcm"),
+                                                                         window="multi").image))
 
 
 # --------------------------------------------------------------------------- GPU serving and the model panel
