@@ -38,7 +38,7 @@ import gradio as gr
 from PIL import Image
 
 from radiology.data import DEFAULT_INSTRUCTION
-from radiology.generate import GenerationSettings, LoadedModel, SideBySideTexts, stream_side_by_side
+from radiology.generate import GenerationSettings, LoadedModel, SideBySideTexts, paced, stream_side_by_side
 from radiology.series import DEFAULT_MAX_IMAGES
 from radiology.serve import (
     MAX_CONTEXT_CHARS,
@@ -108,6 +108,8 @@ PREVIEW_CONCURRENCY = 2
 # ZeroGPU Spaces: running Stop as a cancellation too, because the generation runs in a worker
 # process that the stop event of this process cannot reach.
 ON_ZERO_GPU = spaces is not None and os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
+# The page redraws the whole answer on each update: 20 a second reads as live and keeps it responsive.
+UPDATE_INTERVAL_S = 0.05
 
 
 # --------------------------------------------------------------------------- options
@@ -380,7 +382,7 @@ def make_generate(
             try:
                 with closing(stream_on_gpu(key, list(study.images), prior_image, instruction, context,
                                            settings)) as items:
-                    for item in items:
+                    for item in paced(items, UPDATE_INTERVAL_S):
                         yield tuple(x for pair in zip(item, _status_lines(abouts, item)) for x in pair)
             except Exception as err:
                 if is_out_of_memory(err):

@@ -21,7 +21,7 @@ import numbers
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +69,7 @@ __all__ = [
     "generate_batch",
     "generate_text",
     "load_for_generation",
+    "paced",
     "read_study",
     "settings_from_args",
     "stream_side_by_side",
@@ -492,6 +493,25 @@ class SideBySideTexts(list):
         super().__init__(texts)
         self.states = list(states)
         self.seconds = list(seconds)
+
+
+def paced(items: Iterable[SideBySideTexts], interval_s: float) -> Iterator[SideBySideTexts]:
+    """``items`` at most one every ``interval_s`` seconds, except that an item whose states differ from
+    the last one passed on (a model starting or ending) and the last item always pass. A fast model
+    writes hundreds of tokens a second; a page that redraws the whole answer for each of them falls
+    behind and stops answering clicks, Stop included."""
+    last_sent = -float("inf")
+    sent_states: list[str] | None = None
+    pending: SideBySideTexts | None = None
+    for item in items:
+        now = time.perf_counter()
+        if item.states != sent_states or now - last_sent >= interval_s:
+            yield item
+            last_sent, sent_states, pending = now, list(item.states), None
+        else:
+            pending = item
+    if pending is not None:
+        yield pending
 
 
 def stream_side_by_side(

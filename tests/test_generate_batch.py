@@ -131,3 +131,19 @@ def test_a_batch_mixes_single_images_and_studies_in_order(tiny):
     assert batched == one_by_one
     with pytest.raises(ValueError, match="at least one"):
         generate_batch(tiny, [[]], settings=SETTINGS)
+
+
+def test_paced_keeps_state_changes_and_the_last_item():
+    from radiology.generate import SideBySideTexts, paced
+
+    def items():
+        yield SideBySideTexts([""], ["generating"], [0.0])
+        for n in range(1, 200):
+            yield SideBySideTexts(["x" * n], ["generating"], [0.0])
+        yield SideBySideTexts(["x" * 200], ["done"], [0.1])
+
+    passed = list(paced(items(), interval_s=60))
+    assert [item.states for item in passed] == [["generating"], ["done"]]
+    assert passed[-1] == ["x" * 200]
+    everything = list(paced(items(), interval_s=0))
+    assert len(everything) == 201
