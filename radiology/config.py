@@ -194,7 +194,7 @@ class RadiologyArguments(DatasetArguments):
         metadata={"help": "With activation checkpointing on: all (every layer --checkpointing_scope names), "
                           "vision=N,text=M (only the first N vision and M text layers recompute; the others keep their "
                           "activations), or auto (as many layers keep their activations as --checkpointing_budget_gib "
-                          "leaves room for, measured on the first step)."},
+                          "leaves room for, measured on the first step; text layers first, auto:vision: vision first)."},
     )
     checkpointing_budget_gib: float | None = field(
         default=None,

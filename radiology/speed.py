@@ -9,7 +9,8 @@ What each one changes, and why it is expected to pay (predictions and outcomes: 
   default) checkpoints every layer that ``--checkpointing_scope`` names; ``vision=N,text=M`` checkpoints only
   the first N layers of the vision tower and the first M of the language model (the others keep their
   activations); ``auto`` measures the first step with every layer checkpointed, then keeps as many layers'
-  activations as ``--checkpointing_budget_gib`` leaves room for, by the memory model below. Every layer kept
+  activations as ``--checkpointing_budget_gib`` leaves room for, by the memory model below: the text layers'
+  first (``auto:vision``: the vision layers' first). Every layer kept
   saves its recompute (a whole extra forward of that layer) at the price of its activations.
 - ``--pure_bf16``: no autocast. The model is loaded in bf16 and TRL keeps the LoRA adapters of a 4-bit model in
   bf16, yet autocast runs layer norms (SigLIP's, twice per layer) in fp32, so the vision tower's residual stream
@@ -92,18 +93,22 @@ class CheckpointSelection:
     vision: int | None = None
     text: int | None = None
     auto: bool = False
+    order: tuple[str, ...] = AUTO_ORDER  # auto: the tower that gives up its checkpointing first, then the other
 
 
-_SPEC_HELP = "all, auto, or vision=N,text=M (N, M: how many layers, from the first, recompute; or all)"
+_SPEC_HELP = ("all, auto (auto:text, auto:vision: which tower keeps its activations first), or vision=N,text=M "
+              "(N, M: how many layers, from the first, recompute; or all)")
 
 
 def parse_checkpointing_layers(spec: str) -> CheckpointSelection:
-    """``all`` | ``auto`` | ``vision=N,text=M`` (either part may be left out: that tower keeps all)."""
+    """``all`` | ``auto`` | ``auto:text`` | ``auto:vision`` | ``vision=N,text=M`` (either part may be left out:
+    that tower checkpoints all its layers)."""
     text = spec.strip().lower()
     if text in ("all", ""):
         return CheckpointSelection()
-    if text == "auto":
-        return CheckpointSelection(auto=True)
+    if text in ("auto", "auto:text", "auto:vision"):
+        first = text.partition(":")[2] or AUTO_ORDER[0]
+        return CheckpointSelection(auto=True, order=(first, *[t for t in TOWERS if t != first]))
     counts: dict[str, int | None] = {}
     for part in text.split(","):
         match = re.fullmatch(r"\s*(vision|text)\s*=\s*(\d+|all)\s*", part)
@@ -138,11 +143,12 @@ def layer_towers(model: torch.nn.Module) -> dict[str, list[GradientCheckpointing
     return towers
 
 
-def apply_checkpointing(model: torch.nn.Module, counts: dict[str, int | None]) -> dict[str, int]:
+def apply_checkpointing(model: torch.nn.Module, counts: dict[str, int | None],
+                        towers: dict[str, list[GradientCheckpointingLayer]] | None = None) -> dict[str, int]:
     """Checkpoint the first ``counts[tower]`` layers of each tower (None: all), the rest keep their activations.
     Only layers the trainer enabled checkpointing on are touched. Returns how many are checkpointed per tower."""
     done: dict[str, int] = {}
-    for tower, layers in layer_towers(model).items():
+    for tower, layers in (towers or layer_towers(model)).items():
         enabled = [layer for layer in layers if getattr(layer, "_gradient_checkpointing_func", None) is not None]
         keep = len(enabled) if counts.get(tower) is None else min(counts[tower], len(enabled))
         for index, layer in enumerate(enabled):
@@ -253,6 +259,7 @@ class LayerCheckpointing(TrainerCallback):
     With a fixed selection it sets each layer's flag once, when training begins. With ``auto`` the first
     optimizer step checkpoints every layer and its peak memory is read; from then on, before each forward, the
     layers whose activations fit in what the budget leaves (the memory model, for that batch's shape) keep them.
+    ``auto`` resets CUDA's peak-memory counter when training starts, so that the first step's own peak is read.
     """
 
     def __init__(self, scope: str = "all", selection: CheckpointSelection = CheckpointSelection(),
@@ -266,6 +273,9 @@ class LayerCheckpointing(TrainerCallback):
         self._hook = None
         self._model: torch.nn.Module | None = None
         self._layers: dict[str, int] = {}
+        self._towers: dict[str, list[GradientCheckpointingLayer]] = {}
+        self._lora = LoraShape(r=0, dropout=0.0, towers=frozenset())
+        self._autocast = False
 
     @classmethod
     def from_args(cls, script_args: Any) -> LayerCheckpointing:
@@ -282,15 +292,21 @@ class LayerCheckpointing(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None or not args.activation_checkpointing:
             return
-        done = apply_checkpointing(model, self._static_counts())
-        self._layers = {tower: len(layers) for tower, layers in layer_towers(model).items()}
+        self._towers = layer_towers(model)
+        done = apply_checkpointing(model, self._static_counts(), self._towers)
+        self._layers = {tower: len(layers) for tower, layers in self._towers.items()}
         if self.selection == CheckpointSelection():
             return
         logger.info("Activation checkpointing: %s", ", ".join(f"{t} {done[t]} of {self._layers[t]} layers"
                                                              for t in TOWERS))
         if self.selection.auto and self._hook is None:
             self._model = model
+            self._lora = LoraShape.of(model)
+            # accelerate's autocast wraps forward, inside this hook: read the setting from the arguments.
+            self._autocast = getattr(args, "mixed_precision", "no") in ("bf16", "fp16")
             self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()  # the first step's peak, not the loading's
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         if not self.selection.auto or self.base is not None or self._model is None:
@@ -328,15 +344,14 @@ class LayerCheckpointing(TrainerCallback):
         if budget is None:
             return None
         config = getattr(module, "config", None)
-        lora = LoraShape.of(module)
-        autocast = torch.is_autocast_enabled("cuda") if torch.cuda.is_available() else False
         tokens = batch_tokens(config, kwargs)
-        per_layer = {tower: layer_bytes_per_token(config, tower, lora, autocast) * tokens[tower] for tower in TOWERS}
+        per_layer = {tower: layer_bytes_per_token(config, tower, self._lora, self._autocast) * tokens[tower]
+                     for tower in TOWERS}
         counts = self._static_counts()
         allowed = {t: self._layers[t] if counts[t] is None else min(counts[t], self._layers[t]) for t in TOWERS}
         free = budget * (1 - AUTO_MARGIN) - self.base
-        plan = plan_checkpointing(free, per_layer, allowed)
-        done = apply_checkpointing(module, plan)
+        plan = plan_checkpointing(free, per_layer, allowed, self.selection.order)
+        done = apply_checkpointing(module, plan, self._towers)
         if not self.plans or self.plans[-1] != done:
             kept = sum((allowed[t] - done[t]) * per_layer[t] for t in TOWERS)
             logger.info("Activation checkpointing (auto, budget %.1f GiB, measured base %.1f GiB): vision %d of %d, "

@@ -68,10 +68,11 @@ def deep_tiny_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 def test_checkpointing_layers_spec_is_parsed_and_bad_specs_name_the_fix(tiny_model_dir, seed_data_dir, tmp_path):
     assert parse_checkpointing_layers("all") == CheckpointSelection()
-    assert parse_checkpointing_layers("auto") == CheckpointSelection(auto=True)
+    assert parse_checkpointing_layers("auto") == CheckpointSelection(auto=True, order=("text", "vision"))
+    assert parse_checkpointing_layers("auto:vision") == CheckpointSelection(auto=True, order=("vision", "text"))
     assert parse_checkpointing_layers("vision=3, text=0") == CheckpointSelection(vision=3, text=0)
     assert parse_checkpointing_layers("text=all") == CheckpointSelection(text=None)
-    for bad in ("vision=-1", "text=2,text=3", "half", "vision:3"):
+    for bad in ("vision=-1", "text=2,text=3", "half", "vision:3", "auto:both"):
         with pytest.raises(ValueError, match="vision=N,text=M"):
             parse_checkpointing_layers(bad)
     with pytest.raises(ValueError, match="--checkpointing_layers auto"):
@@ -181,6 +182,7 @@ def test_plan_gives_up_text_layers_first_and_only_what_fits():
     assert plan_checkpointing(34 * 300 + 5 * 800 + 799, per_layer, layers) == {"vision": 22, "text": 0}
     assert plan_checkpointing(10 * 300 + 299, per_layer, layers) == {"vision": 27, "text": 24}
     assert plan_checkpointing(10**9, per_layer, {"vision": 3, "text": 0}) == {"vision": 0, "text": 0}
+    assert plan_checkpointing(3 * 800 + 300, per_layer, layers, ("vision", "text")) == {"vision": 24, "text": 33}
 
 
 def test_memory_model_matches_the_activations_measured_on_the_4b_shape():
