@@ -199,6 +199,7 @@ def seed_recipe(checkpoint: Path, batches: list[dict], steps: int, warmup: int, 
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
     reset_memory()
+    torch.manual_seed(0)  # LoRA's initialisation and dropout masks: the same from run to run
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4",
                                bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
     model = AutoModelForImageTextToText.from_pretrained(checkpoint, quantization_config=quant, dtype=torch.bfloat16,

@@ -23,7 +23,7 @@ from trl import ModelConfig, SFTConfig, TrlParser
 
 from radiology.data import DEFAULT_INSTRUCTION, DatasetArguments, refuse_control_tokens
 from radiology.quality import DEFAULT_NEAR_DUPLICATE_DISTANCE, QualityThresholds
-from radiology.speed import check_speed_options
+from radiology.speed import check_precision, check_speed_options
 
 __all__ = [
     "DEFAULT_RECIPE",
@@ -271,6 +271,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[RadiologyArguments, SFTCo
     script_args, model_args, training_args = make_parser().parse_args_and_config(args=argv)
     if training_args.fp16:
         raise ValueError("fp16 is not supported for Gemma 3 (its activations overflow): use --bf16")
+    check_precision(script_args, model_args)
     if training_args.push_to_hub and not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/gemma-3-4b-radiology)")
     return script_args, training_args, model_args

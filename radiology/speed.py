@@ -62,6 +62,7 @@ __all__ = [
     "LoraShape",
     "apply_checkpointing",
     "apply_speed_options",
+    "check_precision",
     "check_speed_options",
     "compile_blocks",
     "configure_precision",
@@ -364,14 +365,19 @@ class LayerCheckpointing(TrainerCallback):
 # ----------------------------------------------------------------------------- precision
 
 
+def check_precision(script_args: Any, model_args: Any) -> None:
+    """--pure_bf16 needs a model loaded in bf16: refused at parse time, before anything loads."""
+    if script_args.pure_bf16 and str(model_args.dtype) not in ("bfloat16", "torch.bfloat16"):
+        raise ValueError(f"--pure_bf16 trains the bf16 weights as they are and needs --dtype bfloat16 "
+                         f"(got --dtype {model_args.dtype}); drop --pure_bf16 or load the model in bf16")
+
+
 def configure_precision(script_args: Any, training_args: Any, model_args: Any) -> None:
     """--pure_bf16: train the bf16 model without autocast. Call before the trainer is built (its accelerator
     reads the mixed-precision setting when it is made)."""
     if not script_args.pure_bf16:
         return
-    if str(model_args.dtype) not in ("bfloat16", "torch.bfloat16"):
-        raise ValueError(f"--pure_bf16 trains the bf16 weights as they are and needs --dtype bfloat16 "
-                         f"(got --dtype {model_args.dtype}); drop --pure_bf16 or load the model in bf16")
+    check_precision(script_args, model_args)
     training_args.bf16 = False
     training_args.mixed_precision = "no"  # also overrides ACCELERATE_MIXED_PRECISION from `accelerate launch`
 

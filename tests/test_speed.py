@@ -111,11 +111,15 @@ def test_pure_bf16_trains_without_autocast_and_keeps_the_adapter_bf16(tiny_model
     assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.bfloat16}
 
 
-def test_pure_bf16_refuses_a_model_loaded_in_another_dtype(tiny_model_dir, seed_data_dir, tmp_path):
-    script, training, model_args = parse_args(tiny_args(tiny_model_dir, seed_data_dir, tmp_path, "--pure_bf16",
-                                                        "true", "--dtype", "float32"))
-    with pytest.raises(ValueError, match="--pure_bf16 .* needs --dtype bfloat16"):
-        build_trainer(script, training, model_args, load_training_data(script, training))
+def test_pure_bf16_refuses_a_model_loaded_in_another_dtype_before_loading(tiny_model_dir, seed_data_dir, tmp_path,
+                                                                          capsys, refuse_loading):
+    import train
+
+    assert train.main(tiny_args(tiny_model_dir, seed_data_dir, tmp_path, "--pure_bf16", "true",
+                                "--dtype", "float32")) == 2
+    err = capsys.readouterr().err
+    assert "--pure_bf16 trains the bf16 weights as they are and needs --dtype bfloat16" in err
+    assert "Traceback" not in err
 
 
 # --------------------------------------------------------------------------- which layers recompute
