@@ -23,6 +23,7 @@ from trl import ModelConfig, SFTConfig, TrlParser
 
 from radiology.data import DEFAULT_INSTRUCTION, DatasetArguments, refuse_control_tokens
 from radiology.quality import DEFAULT_NEAR_DUPLICATE_DISTANCE, QualityThresholds
+from radiology.speed import check_precision, check_speed_options
 
 __all__ = [
     "DEFAULT_RECIPE",
@@ -187,6 +188,34 @@ class RadiologyArguments(DatasetArguments):
     eval_max_new_tokens: int = field(
         default=128, metadata={"help": "Longest generated caption, in tokens, during evaluation (greedy decoding)."}
     )
+    # Training speed (radiology.speed): each off by default until measured (bench/train_throughput.notes.md).
+    checkpointing_layers: str = field(
+        default="all",
+        metadata={"help": "With activation checkpointing on: all (every layer --checkpointing_scope names), "
+                          "vision=N,text=M (only the first N vision and M text layers recompute; the others keep their "
+                          "activations), or auto (as many layers keep their activations as --checkpointing_budget_gib "
+                          "leaves room for, measured on the first step; text layers first, auto:vision: vision first)."},
+    )
+    checkpointing_budget_gib: float | None = field(
+        default=None,
+        metadata={"help": "Peak GPU memory (GiB, as torch counts it) that --checkpointing_layers auto plans for "
+                          "(default: 90%% of the card)."},
+    )
+    pure_bf16: bool = field(
+        default=False,
+        metadata={"help": "Train the bf16 model without autocast: activations stay bf16 through every LoRA and 4-bit "
+                          "layer (no fp32 copies); norms and the loss still accumulate in fp32. Needs --dtype bfloat16."},
+    )
+    compile_blocks: str = field(
+        default="none",
+        metadata={"help": "torch.compile each layer's forward: none, vision (the SigLIP encoder layers), text (the "
+                          "decoder layers) or all. The first steps take longer while it compiles."},
+    )
+    compile_blocks_backend: str = field(
+        default="inductor",
+        metadata={"help": "torch.compile backend for --compile_blocks (aot_eager: checks tracing without generating "
+                          "kernels)."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -195,6 +224,7 @@ class RadiologyArguments(DatasetArguments):
             raise ValueError("--max_train_samples must be at least 1 (or omitted for the whole split)")
         if self.checkpointing_scope not in ("all", "vision", "text"):
             raise ValueError("--checkpointing_scope must be all, vision or text")
+        check_speed_options(self)
         if self.merge_device not in ("auto", "cpu", "cuda"):
             raise ValueError("--merge_device must be auto, cpu or cuda")
         if self.eval_max_samples is not None and self.eval_max_samples < 1:
@@ -242,6 +272,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[RadiologyArguments, SFTCo
     script_args, model_args, training_args = make_parser().parse_args_and_config(args=argv)
     if training_args.fp16:
         raise ValueError("fp16 is not supported for Gemma 3 (its activations overflow): use --bf16")
+    check_precision(script_args, model_args)
     if training_args.push_to_hub and not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/gemma-3-4b-radiology)")
     return script_args, training_args, model_args

@@ -23,8 +23,6 @@ import torch
 from accelerate import PartialState
 from datasets import Dataset
 from safetensors import SafetensorError, safe_open
-from transformers import TrainerCallback
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.trainer import TRAINER_STATE_NAME
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
@@ -49,6 +47,7 @@ from radiology.modeling import (
     lora_config,
 )
 from radiology.quality import MeasuredImages, filter_training_rows, measure_images
+from radiology.speed import LayerCheckpointing, apply_speed_options, configure_precision
 
 __all__ = [
     "CheckpointError",
@@ -255,23 +254,6 @@ def load_eval_data(script_args: RadiologyArguments, training_args: SFTConfig) ->
     return prepared.dataset
 
 
-class SelectiveCheckpointing(TrainerCallback):
-    """Keep activation checkpointing only on one tower. The vision tower holds ~3/4 of the
-    activations (4096 patches per image); recomputing only it saves most of the memory at a
-    fraction of the recompute (and Python launch overhead) of checkpointing everything."""
-
-    def __init__(self, scope: str):
-        self.scope = scope
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.scope == "all" or model is None or not args.gradient_checkpointing:
-            return
-        for name, module in model.named_modules():
-            if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
-                in_vision = "vision_tower" in name
-                module.gradient_checkpointing = in_vision if self.scope == "vision" else not in_vision
-
-
 def _require_several_splits(script_args: RadiologyArguments, flag: str) -> None:
     """A held-out split must not be the training rows themselves, which a single file would give."""
     if is_single_file(script_args.dataset_name):
@@ -306,6 +288,7 @@ def build_trainer(
     # Before the model loads: the largest row's image blocks must leave room for its caption.
     collator.check_max_length(prepared.dataset, *([eval_dataset] if eval_dataset is not None else []))
     model = load_training_model(model_args)
+    configure_precision(script_args, training_args, model_args)  # --pure_bf16: before the accelerator is made
     trainer = SFTTrainer(
         model=model,
         args=training_args,
@@ -314,8 +297,9 @@ def build_trainer(
         data_collator=collator,
         processing_class=processor,
         peft_config=lora_config(model_args) if model_args.use_peft else None,
-        callbacks=[SelectiveCheckpointing(script_args.checkpointing_scope)],
+        callbacks=[LayerCheckpointing.from_args(script_args)],
     )
+    apply_speed_options(trainer, script_args)  # --pure_bf16, --compile_blocks (radiology.speed)
     # First in line: the reporting callbacks (TensorBoard, console) read the same logs dict after it.
     trainer.callback_handler.callbacks.insert(0, GpuMemoryCallback())
     return trainer
