@@ -19,7 +19,7 @@ shortfall names the first differing index). Stop tokens are ignored: every answe
 Each result is printed as a JSON line as it comes (and appended to $OUT/generate_speed.jsonl); a
 compact table of everything so far follows each variant, and the last lines printed are that table.
 --budget_s skips what would not finish in time; --profile adds a torch.profiler table of 16 decode
-steps per variant (kernel time by kind, top kernels; written to $OUT/profile-*.txt).
+steps per variant (kernel time by kind, top kernels; tables in $OUT/generate_speed_profiles.txt).
 """
 
 from __future__ import annotations
@@ -122,6 +122,14 @@ def print_table() -> None:
             parts = " ".join(cell(one.get(k)) for k in ("preprocess_s", "queue_s", "collate_s", "vision_s",
                                                         "prefill_s", "first_choice_s", "handover_s"))
             lines.append(f"  {r['precision']} {r['variant']} | {parts} | {cell(one.get('ttft_s'))}")
+    profiled = [r for r in rows if r.get("profile")]
+    if profiled:
+        lines.append("decode step profile: prec variant how | kernels/step | kernel ms/step | ms by kind")
+        for r in profiled:
+            for how, p in r["profile"].items():
+                kinds = " ".join(f"{k} {v:.3g}" for k, v in p["ms_by_kind"].items())
+                lines.append(f"  {r['precision']} {r['variant']} {how} | {p['kernels_per_step']} | "
+                             f"{p['kernel_ms_per_step']} | {kinds}")
     for r in RESULTS:
         if "skipped" in r or "error" in r:
             lines.append(f"  {r.get('precision')} {r.get('variant', '')}: {r.get('skipped') or r.get('error')}")
@@ -308,7 +316,8 @@ def measure_variant(loaded, precision: str, variant: str, images: list[Image.Ima
 
 
 KINDS = [("attention", ("attention", "flash", "fmha", "sdpa", "softmax", "cudnn")),
-         ("gemm", ("gemm", "gemv", "cutlass", "nvjet", "matmul", "sm90_", "sm80_", "splitk", "cublas", "bnb", "kgemm")),
+         ("gemm", ("gemm", "gemv", "cutlass", "nvjet", "matmul", "sm90_", "sm80_", "splitk", "cublas", "dequant",
+                   "aten::mm", "aten::bmm", "aten::addmm", "aten::linear")),
          ("fused (triton)", ("triton",)),
          ("copy/cast", ("copy", "cast", "to_copy", "convert")),
          ("elementwise/reduce", ("elementwise", "reduce", "vectorized", "index", "fill", "cat", "where", "arange",
@@ -322,7 +331,8 @@ def kind_of(name: str) -> str:
 
 def profile_steps(loaded, precision: str, variant: str, inputs: dict[str, torch.Tensor], steps: int = 16) -> dict:
     """torch.profiler over `steps` decode steps, graphs replayed as served and the same steps run eagerly:
-    kernels per step, kernel time per step by kind, and the top kernels (table written to $OUT)."""
+    kernels per step, kernel time per step by kind, and the top kernels (tables appended to
+    $OUT/generate_speed_profiles.txt)."""
     from torch.profiler import ProfilerActivity, profile
 
     from radiology.engine import DecodeEngine
@@ -354,12 +364,17 @@ def profile_steps(loaded, precision: str, variant: str, inputs: dict[str, torch.
             "ms_by_kind": {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
             "top": [(e.key[:70], e.count, round(time_of(e) / 1000 / per_step, 4)) for e in top[:6]],
         }
-        sort = "self_cuda_time_total" if DEVICE == "cuda" else "self_cpu_time_total"
-        try:
-            table = events.table(sort_by=sort, row_limit=25, max_name_column_width=90)
-        except Exception:  # a renamed sort key in another torch version
-            table = events.table(row_limit=25)
-        (OUT / f"profile-{precision}-{variant}-{name}.txt").write_text(table)
+        table = None
+        for sort in (["self_device_time_total", "self_cuda_time_total"] if DEVICE == "cuda"
+                     else ["self_cpu_time_total"]):
+            try:
+                table = events.table(sort_by=sort, row_limit=25, max_name_column_width=90)
+                break
+            except Exception:  # a sort key this torch version names otherwise
+                continue
+        table = table or events.table(row_limit=25)
+        with open(OUT / "generate_speed_profiles.txt", "a") as f:  # one file: the device returns few
+            f.write(f"\n==== {precision} {variant} {name}: {steps} decode steps ====\n{table}\n")
         if name != "graphs":
             engine.close()
     return summary

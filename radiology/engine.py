@@ -183,7 +183,7 @@ def _filled_logits(slot: _Slot, visible: torch.Tensor) -> torch.Tensor:
     cache slots. The new token's keys and values go to slot ``cursor``."""
     lm, length = slot.language_model, visible.shape[1]
     hidden = lm.embed_tokens(slot.tokens)
-    rotary = {kind: lm.rotary_emb(hidden, slot.positions, kind) for kind in set(slot.layer_kinds)}
+    rotary = {kind: lm.rotary_emb(hidden, slot.positions, kind) for kind in dict.fromkeys(slot.layer_kinds)}
     masks = slot.decode_masks(visible, boolean=True)
     at = slot.cursor.view(1)
     for index, layer in enumerate(lm.layers[: len(slot.layer_kinds)]):
@@ -311,8 +311,10 @@ class _Slot:
         self.eager = text_config._attn_implementation == "eager"
         self.dtype = next(self.head.parameters()).dtype
         window = getattr(text_config, "sliding_window", None)
-        # Below the window the sliding mask equals the full one: such a cache needs no second mask.
-        self.window = window if window is not None and max_len > window else None
+        # Below the window the sliding mask equals the full one: such a cache needs no second mask. A
+        # compiled step builds it anyway (it changes nothing there), so that every cache length shares
+        # one compile.
+        self.window = window if window is not None and (max_len > window or self.compiled) else None
         # Static buffers: a captured graph reads and writes these same addresses on every replay.
         self.tokens = torch.zeros((batch, 1), dtype=torch.long, device=device)
         self.positions = torch.zeros((batch, 1), dtype=torch.long, device=device)
@@ -827,11 +829,13 @@ class DecodeEngine:
             # Rows past len(requests) repeat the last request (see _collate), its settings included.
             slot.set_sampling([r.settings for r in requests] + [requests[-1].settings] * (batch - len(requests)))
             slot.choose(logits, slot.any_sampled)
+            # Marked before the copy whose completion the host waits for: the event is then complete too.
+            marks.mark("first_choice")
             slot.reader.reset()
             slot.reader.enqueue()
         else:
             tokens = self._choose(logits.float(), requests, generators)
-        marks.mark("first_choice")
+            marks.mark("first_choice")
         finished = [False] * len(requests)
         counts = [0] * len(requests)
         for step in range(budget):
