@@ -473,6 +473,7 @@ class Models:
         seconds += sum(COMPILE_COST_S[k] for k in compiles_needed(variant) - self.compiled.get(precision, set()))
         if VARIANTS[variant].get("compile_mode", "default") != "default":
             seconds += AUTOTUNE_COST_S
+        seconds += 10 if self.args.profile else 0
         return seconds * (0.05 if self.args.size == "tiny" else 1)
 
     def close(self) -> None:

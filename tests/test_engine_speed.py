@@ -133,6 +133,22 @@ def test_seeded_sampling_in_the_graph_repeats_whatever_shares_the_batch(fast_tin
     assert together[1] == first, "a row's draws depend on its seed only"
 
 
+def test_with_the_choice_in_the_graph_answers_end_at_a_stop_token_and_the_next_request_is_whole(fast_tiny,
+                                                                                              monkeypatch):
+    """The step after the one that chose the stop token already runs when the host reads it: its token
+    must not reach the answer, nor its cache writes the next request."""
+    prompts = [several_images(fast_tiny.processor, 1), several_images(fast_tiny.processor, 2)]
+    settings = GenerationSettings(max_new_tokens=20)
+    full = fast_tiny.engine.generate_many(prompts, settings)
+    stop = full[0][6]
+    with monkeypatch.context() as patch:
+        patch.setattr(fast_tiny, "stop_token_ids", [stop])
+        ended = fast_tiny.engine.generate_many(prompts, settings)
+    assert ended == [row[:row.index(stop)] if stop in row else row for row in full]
+    assert len(ended[0]) == full[0].index(stop) <= 6
+    assert fast_tiny.engine.generate_many(prompts, settings) == full
+
+
 def test_sampling_with_top_k_1_is_greedy_and_never_yields_an_image_token(fast_tiny):
     inputs = several_images(fast_tiny.processor, 1)
     greedy = fast_tiny.engine.generate_ids(inputs, GenerationSettings(max_new_tokens=20))
