@@ -109,6 +109,7 @@ __all__ = [
     "EvalOutcome",
     "EvaluationError",
     "Prediction",
+    "ScoredItems",
     "check_eval_output_dir",
     "display_name",
     "load_eval_dataset",
@@ -116,7 +117,6 @@ __all__ = [
     "make_parser",
     "parse_config",
     "predict",
-    "ScoredItems",
     "run_evaluation",
     "score_items",
     "summary_lines",
@@ -410,6 +410,10 @@ class ScoredItems:
     captions: dict[str, SampleScores] = field(default_factory=dict)  # aligned with ``open``
     answers: dict[str, ClosedScores] = field(default_factory=dict)  # aligned with ``closed``
 
+    def __post_init__(self) -> None:
+        self._open_at = {row: i for i, row in enumerate(self.open)}
+        self._closed_at = {row: i for i, row in enumerate(self.closed)}
+
     def row_scores(self, role: str, index: int) -> dict[str, Any] | None:
         """One row's scores for predictions.jsonl: caption scores, or a closed question's answer and correctness."""
         if index in self._open_at:
@@ -417,10 +421,6 @@ class ScoredItems:
         if index in self._closed_at:
             return self.answers[role].row(self._closed_at[index])
         return None
-
-    def __post_init__(self) -> None:
-        self._open_at = {row: i for i, row in enumerate(self.open)}
-        self._closed_at = {row: i for i, row in enumerate(self.closed)}
 
 
 def score_items(
@@ -638,8 +638,8 @@ def _example_groups(items: ScoredItems, rank_metric: str, count: int, seed: int)
         correct = items.answers[MODEL].correct
         for name, wanted in (("closed_wrong", False), ("closed_right", True)):
             pool = [row for row, right in zip(items.closed, correct) if bool(right) == wanted]
-            groups[name] = sorted(int(i) for i in rng.choice(pool, size=min(count, len(pool)), replace=False)) \
-                if pool and count else []
+            chosen = rng.choice(pool, size=min(count, len(pool)), replace=False) if pool and count else []
+            groups[name] = sorted(int(i) for i in chosen)
     return groups
 
 

@@ -152,3 +152,16 @@ def test_truncation_cuts_later_turns_never_the_first_prompt(processor, pictures)
     assert cut["labels"][0].tolist() == full["labels"][0, : n + 12].tolist()
     with pytest.raises(ValueError, match=r"shorter than the prompt with its image block"):
         CaptionCollator(processor, DEFAULT_INSTRUCTION, max_length=n - 1)([rows[1]])
+
+
+def test_max_length_is_checked_against_the_largest_question_prompt_before_training(processor, pictures):
+    from radiology.collate import PromptTooLongError
+
+    rows = prepared_rows(pictures)  # the largest row: three images
+    collator = CaptionCollator(processor, DEFAULT_INSTRUCTION, max_length=40)
+    longest_question = max(rows["question"], key=len)
+    needed = collator.prompt_length(images=3, question=longest_question)
+    assert needed == build_inputs(processor, [pictures["mr"]] * 3, longest_question)["input_ids"].shape[1]
+    with pytest.raises(PromptTooLongError, match=rf"^3 images need {needed}\+ tokens.*the longest answer\)"):
+        collator.check_max_length(rows)
+    CaptionCollator(processor, DEFAULT_INSTRUCTION, max_length=needed + 1).check_max_length(rows)
