@@ -220,6 +220,7 @@ class RadiologyArguments(DatasetArguments):
     def __post_init__(self) -> None:
         super().__post_init__()
         refuse_control_tokens(self.instruction, "--instruction")
+        self.note_unused_instruction(self.instruction)
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise ValueError("--max_train_samples must be at least 1 (or omitted for the whole split)")
         if self.checkpointing_scope not in ("all", "vision", "text"):

@@ -21,6 +21,16 @@ image that does not decode, or Gemma control tokens (``<end_of_turn>``...) in th
 are dropped and counted by cause, so that training never crashes mid-epoch on one bad file and never
 learns a structure the prompt does not have.
 
+Besides captions, a dataset may hold questions: a question and an answer column per row (VQA-RAD, SLAKE,
+PMC-VQA style: ``--question_column``, ``--answer_column``), the question taking the instruction's place in
+the user turn; or whole conversations in TRL's conversational format (``--messages_column``: user and
+assistant turns, ``{"type": "image"}`` items at the start of the first user turn, the row's images in
+order in ``--images_column``). Both become the same canonical columns: QUESTION (the first user turn's
+text), CAPTION (the first answer) and FOLLOW_UPS (the later turns), which ``row_dialogue`` turns into
+``build_messages``' arguments, so every prompt still comes from the one prompt builder. Conversations
+whose shape that builder cannot give (images elsewhere, roles out of order, a system turn...) are dropped
+and counted by cause.
+
 ``DatasetArguments`` describes a dataset (where it is, which column holds what) once for every command.
 """
 
@@ -65,7 +75,12 @@ __all__ = [
     "TooManyImagesError",
     "CURRENT_LABEL",
     "PRIOR_LABEL",
+    "Dialogue",
     "build_messages",
+    "conversation_fields",
+    "evaluation_items",
+    "prompt_dialogue",
+    "row_dialogue",
     "canonical_columns",
     "has_prior",
     "image_counts",
@@ -90,6 +105,12 @@ DEFAULT_INSTRUCTION = "You are an expert radiographer. Describe accurately what 
 # Canonical column names after preparation; the collator and evaluation read these. IMAGE holds one
 # image value per row, or a list of them (several image columns, or --images_column); PRIOR the prior study's.
 IMAGE, CAPTION, IMAGE_ID, CONTEXT, PRIOR = "image", "caption", "image_id", "context", "prior"
+# Questions (--question_column, --messages_column): QUESTION holds the first user turn's text, which takes the
+# instruction's place (CAPTION then holds its answer); FOLLOW_UPS a conversation's later turns, as a list of
+# {"question", "answer"}. TURN numbers the answers of a conversation in evaluation (see evaluation_items).
+QUESTION, FOLLOW_UPS, TURN = "question", "follow_ups", "turn"
+# Written while a conversation is read into the canonical columns: why it cannot be used (None: it can).
+CONVERSATION_PROBLEM = "conversation_problem"
 # Written by validation: the current study's image count per row (a series counted as its sampled slices)
 # and the slice count of each series the row's images were sampled from.
 IMAGE_COUNT, SERIES_SLICES = "image_count", "series_slices"
@@ -404,6 +425,178 @@ def build_messages(
     return messages
 
 
+@dataclass(frozen=True)
+class Dialogue:
+    """What one prompt says besides its images and clinical context: the first user turn's question (None: the
+    instruction) and, for a later question of a conversation, the first answer and the follow-up turns, the last
+    of them without its answer (training gives every answer). See build_messages."""
+
+    question: str | None = None
+    answer: str | None = None
+    follow_ups: tuple[tuple[str, str | None], ...] = ()
+
+    def messages(self, instruction: str, context: str | None = None, images: int = 1, prior: bool = False
+                 ) -> list[dict[str, Any]]:
+        """The chat messages, through build_messages: the question replaces ``instruction`` when there is one."""
+        return build_messages(self.question or instruction, self.answer, context, images, prior, self.follow_ups)
+
+    @property
+    def asked(self) -> str | None:
+        """The question the next answer replies to (None: the instruction)."""
+        return self.follow_ups[-1][0] if self.follow_ups else self.question
+
+
+def _question(row: Mapping[str, Any]) -> str | None:
+    question = row.get(QUESTION)
+    return None if question is None or not str(question).strip() else str(question).strip()
+
+
+def _follow_ups(row: Mapping[str, Any]) -> list[tuple[str, str]]:
+    return [(str(turn["question"]), str(turn["answer"])) for turn in row.get(FOLLOW_UPS) or []]
+
+
+def row_dialogue(row: Mapping[str, Any]) -> Dialogue:
+    """A prepared row's whole dialogue, for training: its question (None on caption rows: the instruction is
+    asked), its first answer (CAPTION) and its follow-up turns, every one answered."""
+    return Dialogue(_question(row), str(row[CAPTION]), tuple(_follow_ups(row)))
+
+
+def prompt_dialogue(row: Mapping[str, Any]) -> tuple[Dialogue, str]:
+    """A prepared row (or one of evaluation_items) as a prompt and its reference answer: everything up to its last
+    question, and the last answer."""
+    follow_ups = _follow_ups(row)
+    if not follow_ups:
+        return Dialogue(_question(row)), str(row[CAPTION])
+    *earlier, (question, answer) = follow_ups
+    return Dialogue(_question(row), str(row[CAPTION]), (*earlier, (question, None))), answer
+
+
+def evaluation_items(dataset: Dataset) -> Dataset:
+    """One row per answer to score. A caption or question row is its own item; a conversation of n answers gives
+    n items, the k-th holding the turns up to its k-th answer (the earlier answers are the dataset's, as in
+    training), numbered by TURN from 1. prompt_dialogue gives each item's prompt and reference."""
+    if FOLLOW_UPS not in dataset.column_names:
+        return dataset
+    counts = [len(turns or []) + 1 for turns in dataset[FOLLOW_UPS]]
+    items = dataset.select([row for row, n in enumerate(counts) for _ in range(n)])
+    items = items.add_column(TURN, [turn for n in counts for turn in range(1, n + 1)])
+    return items.map(lambda row: {FOLLOW_UPS: (row[FOLLOW_UPS] or [])[: row[TURN] - 1]}, desc="One item per answer")
+
+
+# --------------------------------------------------------------------------- conversations (TRL's format)
+
+# Why a conversation cannot be used, as counted when rows are dropped.
+UNREADABLE_CONVERSATION = "unreadable conversation"
+SYSTEM_TURN = "conversation with a system or tool turn"
+ROLES_OUT_OF_ORDER = "conversation not alternating user, assistant"
+NO_LAST_ANSWER = "conversation not ending with an answer"
+IMAGES_ELSEWHERE = "images outside the start of the first user turn"
+IMAGE_COUNT_MISMATCH = "image items not matching the row's images"
+EMPTY_TURN = "empty turn"
+TURN_WITH_CONTROL_TOKENS = "turn with chat control tokens"
+
+
+@dataclass
+class _Turn:
+    role: str
+    texts: list[str]
+    leading_images: int = 0  # image items before the turn's first text
+    misplaced_images: int = 0  # image items after a text
+    plain: bool = False  # content given as a string: TRL puts every image of the row before the first user turn's
+
+
+def _read_turn(message: Any) -> _Turn | str:
+    """One message as a _Turn, or the cause that makes it unusable."""
+    if not isinstance(message, Mapping):
+        return UNREADABLE_CONVERSATION
+    role, content = message.get("role"), message.get("content")
+    if role in ("system", "tool"):
+        return SYSTEM_TURN
+    if role not in ("user", "assistant"):
+        return UNREADABLE_CONVERSATION
+    if isinstance(content, str):
+        return _Turn(role, [content], plain=True)
+    if not isinstance(content, (list, tuple)):
+        return UNREADABLE_CONVERSATION
+    turn = _Turn(role, [])
+    for item in content:
+        # Arrow gives every item every key (None where absent): the type says what an item is.
+        kind = item.get("type") if isinstance(item, Mapping) else None
+        if kind == "image":
+            if turn.texts:
+                turn.misplaced_images += 1
+            else:
+                turn.leading_images += 1
+        elif kind == "text":
+            turn.texts.append(str(item.get("text") or ""))
+        else:
+            return UNREADABLE_CONVERSATION
+    return turn
+
+
+def conversation_fields(messages: Any, images: int) -> tuple[dict[str, Any], str | None]:
+    """A conversation in TRL's format, of a row holding ``images`` images, as the canonical QUESTION, CAPTION and
+    FOLLOW_UPS, or the cause that makes it unusable (the fields are then empty).
+
+    The one shape build_messages gives: user and assistant turns alternating, from a user turn to an answer; every
+    image item at the start of the first user turn, as many as the row has images (a first user turn given as a
+    string gets all of them, as TRL does); a text in every turn, without chat control tokens. Several text items
+    of one turn are joined by a blank line (Gemma's template would glue them together).
+    """
+    if not isinstance(messages, (list, tuple)) or not messages:
+        return {}, UNREADABLE_CONVERSATION
+    turns = []
+    for message in messages:
+        turn = _read_turn(message)
+        if isinstance(turn, str):
+            return {}, turn
+        turns.append(turn)
+    if any(turn.role != ("user" if i % 2 == 0 else "assistant") for i, turn in enumerate(turns)):
+        return {}, ROLES_OUT_OF_ORDER
+    if turns[-1].role != "assistant":
+        return {}, NO_LAST_ANSWER
+    first = turns[0]
+    if first.misplaced_images or any(t.leading_images or t.misplaced_images for t in turns[1:]):
+        return {}, IMAGES_ELSEWHERE
+    if (images if first.plain else first.leading_images) != images:
+        return {}, IMAGE_COUNT_MISMATCH
+    texts = ["\n\n".join(text.strip() for text in turn.texts if text.strip()) for turn in turns]
+    if not all(texts):
+        return {}, EMPTY_TURN
+    if any(control_token_in(text) for text in texts):
+        return {}, TURN_WITH_CONTROL_TOKENS
+    follow_ups = [{"question": texts[i], "answer": texts[i + 1]} for i in range(2, len(texts), 2)]
+    return {QUESTION: texts[0], CAPTION: texts[1], FOLLOW_UPS: follow_ups}, None
+
+
+def _image_value_count(value: Any) -> int:
+    """How many image values a canonical IMAGE cell holds (a series counted once; empty views left out)."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    return sum(not _is_empty(v) for v in values)
+
+
+_FOLLOW_UP_FEATURE = List({"question": Value("string"), "answer": Value("string")})
+
+
+def _read_conversations(dataset: Dataset, column: str) -> Dataset:
+    """The messages column replaced by QUESTION, CAPTION, FOLLOW_UPS and CONVERSATION_PROBLEM (see conversation_fields)."""
+    features = Features({name: f for name, f in dataset.features.items() if name != column})
+    features.update({QUESTION: Value("string"), CAPTION: Value("string"), FOLLOW_UPS: _FOLLOW_UP_FEATURE,
+                     CONVERSATION_PROBLEM: Value("string")})
+
+    def read(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {QUESTION: [], CAPTION: [], FOLLOW_UPS: [], CONVERSATION_PROBLEM: []}
+        for messages, image in zip(batch[column], batch[IMAGE]):
+            fields, problem = conversation_fields(messages, _image_value_count(image))
+            out[QUESTION].append(fields.get(QUESTION))
+            out[CAPTION].append(fields.get(CAPTION))
+            out[FOLLOW_UPS].append(fields.get(FOLLOW_UPS, []))
+            out[CONVERSATION_PROBLEM].append(problem)
+        return out
+
+    return dataset.map(read, batched=True, remove_columns=[column], features=features, desc="Reading conversations")
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -598,6 +791,17 @@ class PreparedDataset:
         return text
 
 
+    def question_summary(self) -> str:
+        """Answers per row, for the log: ``120 rows of 1 answer (a question each)`` or ``answers per row: 1 (4 rows), 3 (10 rows)``."""
+        if FOLLOW_UPS not in self.dataset.column_names:
+            rows = len(self.dataset)
+            return f"{rows} row{'s' if rows != 1 else ''}, a question and its answer each"
+        counts = Counter(len(turns or []) + 1 for turns in self.dataset[FOLLOW_UPS])
+        return "answers per conversation: " + ", ".join(
+            f"{n} ({rows} row{'s' if rows != 1 else ''})" for n, rows in sorted(counts.items())
+        ) + f"; {sum(n * rows for n, rows in counts.items())} answers in all"
+
+
 def image_counts(dataset: Dataset) -> list[int]:
     """Images of each prepared row's current study (one per row where validation did not count them)."""
     if IMAGE_COUNT in dataset.column_names:
@@ -639,6 +843,7 @@ def _as_image_value(value: Any) -> dict[str, Any] | None:
 
 
 _STUDY = "__study_images__"  # a temporary name while several image columns are joined into one list
+_MESSAGES = "__messages__"  # a temporary name while conversations are read into the canonical columns
 
 
 def canonical_columns(
@@ -649,20 +854,34 @@ def canonical_columns(
     context_column: str | None = None,
     images_column: str | None = None,
     prior_image_column: str | None = None,
+    question_column: str | None = None,
+    answer_column: str | None = None,
+    messages_column: str | None = None,
 ) -> Dataset:
-    """The dataset under the canonical columns (IMAGE, CAPTION, IMAGE_ID, optional CONTEXT and PRIOR), unvalidated.
+    """The dataset under the canonical columns (IMAGE, CAPTION, IMAGE_ID, optional CONTEXT and PRIOR; with questions
+    QUESTION, and for conversations FOLLOW_UPS and CONVERSATION_PROBLEM), unvalidated.
 
     IMAGE holds each row's one image value, or a list of them when images come from several columns (in the
     order given, empty ones left out) or from ``images_column`` (a column of lists; it replaces
-    ``image_column``). Images stay undecoded (bytes or paths). Errors name the option to fix.
+    ``image_column``). Images stay undecoded (bytes or paths). ``question_column`` and ``answer_column`` give
+    QUESTION and CAPTION; ``messages_column`` (a conversation in TRL's format) gives QUESTION, CAPTION and
+    FOLLOW_UPS through conversation_fields, its images coming from ``images_column``, else from a column named
+    ``images`` (TRL's name), else from ``image_column``. Errors name the option to fix.
     """
+    if messages_column and not images_column and "images" in dataset.column_names:
+        images_column = "images"
     if images_column:
         sources = [images_column]
     else:
         sources = [image_column] if isinstance(image_column, str) else list(image_column)
     for column in sources:
         require_columns(dataset, {"images_column" if images_column else "image_column": column})
-    required = {"caption_column": caption_column}
+    if messages_column:
+        required = {"messages_column": messages_column}
+    elif question_column:
+        required = {"question_column": question_column, "answer_column": answer_column or caption_column}
+    else:
+        required = {"caption_column": caption_column}
     if context_column:
         required["context_column"] = context_column
     if prior_image_column:
@@ -680,7 +899,8 @@ def canonical_columns(
                 f"column {column!r} holds a list of images per row; name it with --images_column {column} "
                 "(--image_column takes columns of one image, or one DICOM series, per row)"
             )
-    kept = list(dict.fromkeys([*sources, caption_column]))
+    texts = list(required.values())  # the columns of words: captions, questions and answers, or conversations
+    kept = list(dict.fromkeys([*sources, *texts]))
     if id_column and id_column in dataset.column_names:
         kept.append(id_column)
     kept += [c for c in (context_column, prior_image_column) if c]
@@ -693,7 +913,7 @@ def canonical_columns(
             dataset = dataset.cast_column(column, List(ImageFeature(decode=False)))
     image_source = sources[0]
     if len(sources) > 1:
-        joined = [c for c in sources if c not in (caption_column, id_column, context_column, prior_image_column)]
+        joined = [c for c in sources if c not in (*texts, id_column, context_column, prior_image_column)]
         features = Features({name: f for name, f in dataset.features.items() if name not in joined})
         features[_STUDY] = List(ImageFeature(decode=False))
         dataset = dataset.map(
@@ -707,7 +927,13 @@ def canonical_columns(
             desc="Joining image columns",
         )
         image_source = _STUDY
-    renames = {image_source: IMAGE, caption_column: CAPTION}
+    renames = {image_source: IMAGE}
+    if messages_column:
+        renames[messages_column] = _MESSAGES
+    elif question_column:
+        renames.update({question_column: QUESTION, answer_column or caption_column: CAPTION})
+    else:
+        renames[caption_column] = CAPTION
     if id_column and id_column in dataset.column_names:
         renames[id_column] = IMAGE_ID
     if context_column:
@@ -719,20 +945,33 @@ def canonical_columns(
     )
     if IMAGE_ID not in dataset.column_names:
         dataset = dataset.add_column(IMAGE_ID, [str(i) for i in range(len(dataset))])
-    if context_column and dataset.features[CONTEXT] != Value("string"):
-        dataset = dataset.cast_column(CONTEXT, Value("string"))  # e.g. a CSV column of numbers; None stays None
+    if messages_column:
+        dataset = _read_conversations(dataset, _MESSAGES)
+    for column in (CONTEXT, QUESTION, CAPTION):
+        feature = dataset.features.get(column)
+        if feature is not None and feature != Value("string") and (column == CONTEXT or isinstance(feature, Value)):
+            # e.g. a CSV column of numbers (contexts, or answers such as "2"); None stays None
+            dataset = dataset.cast_column(column, Value("string"))
     return dataset
 
 
 def _row_problem(row: Mapping[str, Any], options: ImageOptions) -> tuple[str | None, int, list[int]]:
     """What makes a canonical row unusable (or None), the current study's image count, and its series' sizes."""
+    if row.get(CONVERSATION_PROBLEM):
+        return row[CONVERSATION_PROBLEM], 0, []
     caption, context = row.get(CAPTION), row.get(CONTEXT)
+    answer = "answer" if QUESTION in row else "caption"  # question rows: CAPTION holds the answer
     if caption is None or not str(caption).strip():
-        return "empty caption", 0, []
+        return f"empty {answer}", 0, []
     if control_token_in(str(caption)):
         # The collator would end the answer at an <end_of_turn> and silently mask the rest; the
         # other control tokens start turns or images that are not there, or plant <eos> mid-answer.
-        return "caption with chat control tokens", 0, []
+        return f"{answer} with chat control tokens", 0, []
+    if QUESTION in row:
+        if _question(row) is None:
+            return "empty question", 0, []
+        if control_token_in(str(row[QUESTION])):
+            return "question with chat control tokens", 0, []
     if context is not None and control_token_in(str(context)):
         return "context with chat control tokens", 0, []
     try:
@@ -740,6 +979,13 @@ def _row_problem(row: Mapping[str, Any], options: ImageOptions) -> tuple[str | N
     except ImageDecodeError as err:
         return err.reason, 0, []
     return None, len(images.images), images.series_slices
+
+
+def _text_length(row: Mapping[str, Any]) -> int:
+    """Characters of a row's words that vary: its question, answers and follow-up questions (the instruction is
+    the same for every row)."""
+    return (len(str(row[CAPTION])) + len(row.get(QUESTION) or "")
+            + sum(len(q) + len(a) for q, a in _follow_ups(row)))
 
 
 _VALIDATION_FEATURES = Features(
@@ -758,6 +1004,9 @@ def prepare_caption_dataset(
     images_column: str | None = None,
     prior_image_column: str | None = None,
     options: ImageOptions | None = None,
+    question_column: str | None = None,
+    answer_column: str | None = None,
+    messages_column: str | None = None,
 ) -> PreparedDataset:
     """Rename to canonical columns (see canonical_columns), keep the first ``max_samples`` rows, drop and count
     bad rows, and record each row's image count (IMAGE_COUNT) and series sizes (SERIES_SLICES).
@@ -770,7 +1019,8 @@ def prepare_caption_dataset(
     if max_samples is not None and max_samples < len(dataset):
         dataset = dataset.select(range(max_samples))
     dataset = canonical_columns(
-        dataset, image_column, caption_column, id_column, context_column, images_column, prior_image_column
+        dataset, image_column, caption_column, id_column, context_column, images_column, prior_image_column,
+        question_column, answer_column, messages_column,
     )
 
     def problems_of(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
@@ -800,9 +1050,14 @@ def prepare_caption_dataset(
     logger.info("Dataset: %s", prepared.summary())
     if len(dataset) == 0:
         raise DatasetError(f"no usable rows left ({prepared.summary()}); {_how_to_fix(dropped)}")
+    if CONVERSATION_PROBLEM in dataset.column_names:
+        dataset = dataset.remove_columns(CONVERSATION_PROBLEM)  # None on every row kept
     dataset = dataset.add_column(IMAGE_COUNT, checked[IMAGE_COUNT]).add_column(SERIES_SLICES, checked[SERIES_SLICES])
-    prepared.dataset = dataset.add_column(LENGTH, [len(str(c)) for c in dataset[CAPTION]])
+    words = dataset.select_columns([c for c in (CAPTION, QUESTION, FOLLOW_UPS) if c in dataset.column_names])
+    prepared.dataset = dataset.add_column(LENGTH, [_text_length(row) for row in words])
     logger.info("Images: %s", prepared.image_summary())
+    if QUESTION in dataset.column_names:
+        logger.info("Questions: %s", prepared.question_summary())
     return prepared
 
 
@@ -813,6 +1068,19 @@ _FIXES = {
     "caption with chat control tokens": "remove Gemma control tokens such as <end_of_turn> from the captions",
     "context with chat control tokens": "remove Gemma control tokens such as <end_of_turn> from the context column",
     TooManyImagesError.reason: "raise --max_images to the largest study's image count (it costs --max_length)",
+    "empty answer": "check that --answer_column names the column holding the answers",
+    "empty question": "check that --question_column names the column holding the questions",
+    "answer with chat control tokens": "remove Gemma control tokens such as <end_of_turn> from the answers",
+    "question with chat control tokens": "remove Gemma control tokens such as <end_of_turn> from the questions",
+    UNREADABLE_CONVERSATION: "check that --messages_column names a column of conversations in TRL's format (a list "
+    "of {'role': 'user'|'assistant', 'content': [...]})",
+    SYSTEM_TURN: "move a system turn's text into the first user turn",
+    ROLES_OUT_OF_ORDER: "let each conversation start with a user turn and alternate user, assistant",
+    NO_LAST_ANSWER: "end each conversation with an assistant turn (its answer is what the model learns)",
+    IMAGES_ELSEWHERE: "put every {'type': 'image'} item at the start of the first user turn, before its text",
+    IMAGE_COUNT_MISMATCH: "give as many {'type': 'image'} items as the row has images (--images_column)",
+    EMPTY_TURN: "give every turn some text",
+    TURN_WITH_CONTROL_TOKENS: "remove Gemma control tokens such as <end_of_turn> from the conversations",
 }
 
 
@@ -893,6 +1161,28 @@ class DatasetArguments:
             "a CT preset; default: multi for CT, header otherwise.",
         },
     )
+    question_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column holding a question per row (VQA-RAD, SLAKE, PMC-VQA style), with --answer_column: the "
+            "question replaces --instruction as the user turn's text (clinical context still follows it) and the "
+            "answer is the assistant turn. Evaluation scores yes/no answers by accuracy, the others as captions."
+        },
+    )
+    answer_column: str | None = field(
+        default=None,
+        metadata={"help": "Column holding each question's reference answer (with --question_column; it takes the "
+                          "place of --caption_column)."},
+    )
+    messages_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column holding a conversation per row in TRL's conversational format: user and assistant "
+            "turns, {'type': 'image'} items at the start of the first user turn; the row's images, in order, come "
+            "from --images_column (default: the column named images). The loss is on every answer; evaluation "
+            "scores each answer given the turns before it. --instruction is not used."
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.image_column, str):  # a YAML value or a Python caller naming one column
@@ -905,7 +1195,38 @@ class DatasetArguments:
                 "give a row's images either with --image_column (one or more columns of one image each) or with "
                 "--images_column (one column holding a list of images per row), not both"
             )
+        if bool(self.question_column) != bool(self.answer_column):
+            raise ValueError(
+                "--question_column and --answer_column go together: name the column of questions and the column of "
+                "their answers"
+            )
+        if self.answer_column and self.caption_column != CAPTION:
+            raise ValueError(
+                "with --question_column the answers are --answer_column's; drop --caption_column (questions and "
+                "captions in one dataset are two datasets)"
+            )
+        if self.messages_column and (self.question_column or self.caption_column != CAPTION):
+            what = "--question_column and --answer_column" if self.question_column else "--caption_column"
+            raise ValueError(
+                f"--messages_column holds each row's questions and answers itself; drop {what}"
+            )
+        if self.messages_column and self.prior_image_column:
+            raise ValueError(
+                "--prior_image_column does not combine with --messages_column: a conversation places its images "
+                "itself; give the prior study's image first in --images_column and say so in the first user turn"
+            )
         self.image_options()  # an impossible --max_images or --series_window fails here, before any loading
+
+    @property
+    def asks_questions(self) -> bool:
+        """Whether rows hold questions (and answers, or conversations) rather than captions."""
+        return bool(self.question_column or self.messages_column)
+
+    def note_unused_instruction(self, instruction: str) -> None:
+        """Log that ``instruction`` (when not the default) goes unused: each row's question takes its place."""
+        if self.asks_questions and instruction != DEFAULT_INSTRUCTION:
+            flag = "--question_column" if self.question_column else "--messages_column"
+            logger.warning("--instruction is not used with %s: each row's question is the user turn's text", flag)
 
     @classmethod
     def of(cls, arguments: Any) -> DatasetArguments:
@@ -929,6 +1250,8 @@ class DatasetArguments:
     def path_columns(self) -> list[str]:
         """The columns that may hold image paths (relative ones are read from the dataset's folder)."""
         images = [self.images_column] if self.images_column else self.image_column
+        if self.messages_column and not self.images_column:
+            images = ["images", *images]  # TRL's name, read when the dataset has it (see canonical_columns)
         return images + ([self.prior_image_column] if self.prior_image_column else [])
 
     def load_splits(self, splits: Sequence[str] | None = None) -> dict[str, Dataset]:
@@ -949,6 +1272,9 @@ class DatasetArguments:
             context_column=self.context_column,
             images_column=self.images_column,
             prior_image_column=self.prior_image_column,
+            question_column=self.question_column,
+            answer_column=self.answer_column,
+            messages_column=self.messages_column,
         )
 
     def prepare(self, raw: Dataset, max_samples: int | None = None, num_proc: int | None = None) -> PreparedDataset:
@@ -964,4 +1290,7 @@ class DatasetArguments:
             images_column=self.images_column,
             prior_image_column=self.prior_image_column,
             options=self.image_options(),
+            question_column=self.question_column,
+            answer_column=self.answer_column,
+            messages_column=self.messages_column,
         )

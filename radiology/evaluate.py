@@ -15,7 +15,13 @@ batches): one image, or a study's several (several image columns, --images_colum
 sampled slices) with a prior study's image first when --prior_image_column gives one, read by
 ``radiology.data.row_images`` as training reads them. The captions are scored against the references
 (BLEU, ROUGE-L, CIDEr-D, length; see ``radiology.metrics``) with bootstrap 95% intervals over rows,
-and model - baseline with a paired bootstrap interval. OUTPUT_DIR receives:
+and model - baseline with a paired bootstrap interval.
+
+With questions (--question_column and --answer_column, or --messages_column) each question replaces the
+instruction; a conversation gives one prompt per answer, holding the turns before it with the dataset's
+answers. A question whose reference answer is yes or no (``radiology.metrics.YES_NO_RULE``) is closed and
+scored by accuracy, with its bootstrap interval and the paired model - baseline difference; the others are
+open and scored with the caption metrics. OUTPUT_DIR receives:
 
 - metrics.json: corpus metrics per model, their difference, and everything needed to reproduce them;
 - predictions.jsonl: one line per row (id, reference, images in the prompt, each model's text or error,
@@ -39,6 +45,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
@@ -48,16 +55,22 @@ from radiology.data import (
     CAPTION,
     CONTEXT,
     DEFAULT_INSTRUCTION,
+    FOLLOW_UPS,
     IMAGE_ID,
+    QUESTION,
+    TURN,
     WHOLE_FILE,
     DatasetArguments,
     DatasetError,
+    Dialogue,
     ImageOptions,
     PreparedDataset,
     RowImages,
+    evaluation_items,
     has_prior,
     image_counts,
     is_single_file,
+    prompt_dialogue,
     refuse_control_tokens,
     row_images,
 )
@@ -70,13 +83,20 @@ from radiology.generate import (
     settings_from_args,
 )
 from radiology.metrics import (
+    CLOSED_METRICS,
     METRICS,
+    YES_NO_RULE,
+    ClosedScores,
+    MetricInfo,
     SampleScores,
     bleu_signature,
     bootstrap_indices,
     bootstrap_interval,
+    closed_answer,
     paired_difference,
+    score_closed,
     score_samples,
+    words,
 )
 from radiology.report import Thumbnail, select_examples, strip_thumbnails, write_report
 
@@ -89,6 +109,7 @@ __all__ = [
     "EvalOutcome",
     "EvaluationError",
     "Prediction",
+    "ScoredItems",
     "check_eval_output_dir",
     "display_name",
     "load_eval_dataset",
@@ -97,6 +118,7 @@ __all__ = [
     "parse_config",
     "predict",
     "run_evaluation",
+    "score_items",
     "summary_lines",
 ]
 
@@ -179,6 +201,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         refuse_control_tokens(self.instruction, "--instruction")  # before minutes of loading, not after
+        self.data.note_unused_instruction(self.instruction)
 
     @property
     def split(self) -> str:
@@ -249,9 +272,9 @@ def _describe_error(err: BaseException) -> str:
 
 
 def _generate(loaded: LoadedModel, studies: list[RowImages], contexts: list[str | None], instruction: str,
-              settings: GenerationSettings) -> list[str]:
+              settings: GenerationSettings, dialogues: list[Dialogue] | None = None) -> list[str]:
     return generate_batch(loaded, [study.images for study in studies], instruction, settings, contexts,
-                          priors=[study.prior for study in studies])
+                          priors=[study.prior for study in studies], dialogues=dialogues)
 
 
 def _predict_batch(
@@ -270,8 +293,10 @@ def _predict_batch(
         except Exception as err:  # e.g. an image file removed since validation
             results[i] = Prediction(None, _describe_error(err))
     contexts = [rows[i].get(CONTEXT) for i in positions]
+    # A row's question (None: the instruction) and, for a conversation's later answer, the turns before it.
+    dialogues = [prompt_dialogue(rows[i])[0] for i in positions]
     try:
-        texts = _generate(loaded, studies, contexts, instruction, settings)
+        texts = _generate(loaded, studies, contexts, instruction, settings, dialogues)
         for i, text in zip(positions, texts):
             results[i] = Prediction(text)
     except Exception as err:
@@ -282,9 +307,9 @@ def _predict_batch(
             logger.warning("batch failed (%s); retrying its %d rows one at a time", err, len(positions))
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # after an out-of-memory error, free the batch's leftovers first
-            for i, study, context in zip(positions, studies, contexts):
+            for i, study, context, dialogue in zip(positions, studies, contexts, dialogues):
                 try:
-                    results[i] = Prediction(_generate(loaded, [study], [context], instruction, settings)[0])
+                    results[i] = Prediction(_generate(loaded, [study], [context], instruction, settings, [dialogue])[0])
                 except Exception as single_err:
                     results[i] = Prediction(None, _describe_error(single_err))
     return [r if r is not None else Prediction(None, "no result") for r in results]
@@ -373,32 +398,131 @@ def _package_versions() -> dict[str, str]:
     return found
 
 
-def _metrics_document(
-    config: EvalConfig,
-    prepared: PreparedDataset,
-    scored: list[int],
-    scores: dict[str, SampleScores],
-    info: dict[str, dict[str, Any]],
-) -> dict[str, Any]:
+@dataclass
+class ScoredItems:
+    """The scored rows (dataset positions), split into what is scored as a caption (every row of a caption dataset,
+    the open questions of a question dataset) and the closed (yes/no) questions, with each model's scores."""
+
+    references: list[str]
+    scored: list[int]
+    open: list[int] = field(default_factory=list)
+    closed: list[int] = field(default_factory=list)
+    captions: dict[str, SampleScores] = field(default_factory=dict)  # aligned with ``open``
+    answers: dict[str, ClosedScores] = field(default_factory=dict)  # aligned with ``closed``
+
+    def __post_init__(self) -> None:
+        self._open_at = {row: i for i, row in enumerate(self.open)}
+        self._closed_at = {row: i for i, row in enumerate(self.closed)}
+
+    def row_scores(self, role: str, index: int) -> dict[str, Any] | None:
+        """One row's scores for predictions.jsonl: caption scores, or a closed question's answer and correctness."""
+        if index in self._open_at:
+            return self.captions[role].row(self._open_at[index])
+        if index in self._closed_at:
+            return self.answers[role].row(self._closed_at[index])
+        return None
+
+
+def score_items(
+    predictions: dict[str, list[Prediction]], references: list[str], questions: bool
+) -> ScoredItems:
+    """Score every row on which no model failed. Without questions every row is scored as a caption. With
+    questions, a row whose reference is yes or no (metrics.YES_NO_RULE) is a closed question, scored by
+    accuracy; the others are open, scored as captions."""
+    scored = [i for i in range(len(references)) if all(p[i].error is None for p in predictions.values())]
+    closed = [i for i in scored if questions and closed_answer(references[i]) is not None]
+    taken = set(closed)
+    items = ScoredItems(references, scored, open=[i for i in scored if i not in taken], closed=closed)
+    for role, role_predictions in predictions.items():
+        if items.open:
+            items.captions[role] = score_samples(
+                [role_predictions[i].text or "" for i in items.open], [references[i] for i in items.open]
+            )
+        if items.closed:
+            items.answers[role] = score_closed(
+                [role_predictions[i].text or "" for i in items.closed], [references[i] for i in items.closed]
+            )
+    return items
+
+
+def _metric_entries(
+    names: dict[str, MetricInfo], scores: dict[str, Any], count: int, config: EvalConfig
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
+    """Each model's value and interval of each metric, and model - baseline, on the same resamples of ``count``."""
     args = config.args
-    indices = bootstrap_indices(len(scored), args.bootstrap_resamples, config.seed)
-    models = {}
-    for role, role_scores in scores.items():
-        models[role] = {
-            **info[role],
-            "mean_words": round(float(role_scores.words.mean()), 3),
-            "metrics": {
-                metric: bootstrap_interval(metric, role_scores, indices, args.confidence).as_dict()
-                for metric in METRICS
-            },
-        }
+    indices = bootstrap_indices(count, args.bootstrap_resamples, config.seed)
+    values = {
+        role: {name: bootstrap_interval(name, role_scores, indices, args.confidence).as_dict() for name in names}
+        for role, role_scores in scores.items()
+    }
     difference = None
     if BASELINE in scores:
         difference = {
-            metric: paired_difference(metric, scores[MODEL], scores[BASELINE], indices, args.confidence).as_dict()
-            for metric in METRICS
+            name: paired_difference(name, scores[MODEL], scores[BASELINE], indices, args.confidence).as_dict()
+            for name in names
         }
-    reference_words = scores[MODEL].reference_words
+    return values, difference
+
+
+def _metrics_document(
+    config: EvalConfig,
+    prepared: PreparedDataset,
+    items: ScoredItems,
+    predictions: dict[str, list[Prediction]],
+    info: dict[str, dict[str, Any]],
+    questions: bool,
+    conversations: bool,
+) -> dict[str, Any]:
+    args = config.args
+    roles = list(predictions)
+    metrics: dict[str, dict[str, Any]] = {role: {} for role in roles}
+    difference: dict[str, Any] | None = {} if BASELINE in predictions else None
+    metric_info: dict[str, Any] = {}
+    groups = []
+    if items.closed:
+        groups.append((CLOSED_METRICS, items.answers, len(items.closed), f"closed questions ({len(items.closed)})"))
+    if items.open:
+        groups.append((METRICS, items.captions, len(items.open),
+                       f"open questions ({len(items.open)})" if questions else "every scored image"))
+    for names, scores, count, scored_on in groups:
+        values, paired = _metric_entries(names, scores, count, config)
+        for role in roles:
+            metrics[role].update(values[role])
+        if difference is not None and paired is not None:
+            difference.update(paired)
+        for name, meta in names.items():
+            metric_info[name] = {
+                **asdict(meta),
+                **({"signature": bleu_signature()} if name == "bleu" else {}),
+                "scored_on": scored_on,
+                "count": count,
+            }
+    models = {}
+    for role in roles:
+        texts = [predictions[role][i].text or "" for i in items.scored]
+        models[role] = {
+            **info[role],
+            "mean_words": round(float(np.mean([len(words(t)) for t in texts])), 3),
+            "metrics": metrics[role],
+        }
+        if items.closed:
+            answered = items.answers[role].answers
+            models[role]["closed"] = {
+                "correct": int(items.answers[role].correct.sum()),
+                "answered_yes_or_no": sum(a is not None for a in answered),
+            }
+    references = [items.references[i] for i in items.scored]
+    question_counts = None
+    if questions:
+        expected = [closed_answer(items.references[i]) for i in items.closed]
+        question_counts = {
+            "closed": len(items.closed),
+            "closed_yes": expected.count("yes"),
+            "closed_no": expected.count("no"),
+            "open": len(items.open),
+            "rule": YES_NO_RULE,
+            "conversations": conversations,  # each answer of a conversation scored, given the turns before it
+        }
     return {
         "dataset": {
             "name": config.data.dataset_name,
@@ -411,12 +535,14 @@ def _metrics_document(
             },
             "max_samples": args.max_samples,
             "rows": len(prepared.dataset),
+            **({"answers": len(items.references)} if conversations else {}),
             "dropped": dict(prepared.dropped),
-            "scored": len(scored),
-            "reference_mean_words": round(float(reference_words.mean()), 3),
+            "scored": len(items.scored),
+            "reference_mean_words": round(float(np.mean([len(words(r)) for r in references])), 3),
         },
+        "questions": question_counts,  # null for captions
         "generation": {
-            "instruction": config.instruction,
+            "instruction": None if questions else config.instruction,  # questions replace it
             "settings": asdict(config.settings),
             "described": config.settings.describe(),
             "batch_size": args.batch_size,
@@ -426,15 +552,12 @@ def _metrics_document(
         "difference": difference,  # model - baseline, paired bootstrap; null without a baseline
         "bootstrap": {
             "method": "percentile",
-            "unit": "image",
+            "unit": "question" if questions else "image",
             "resamples": args.bootstrap_resamples,
             "confidence": args.confidence,
             "seed": config.seed,
         },
-        "metric_info": {
-            name: {**asdict(meta), **({"signature": bleu_signature()} if name == "bleu" else {})}
-            for name, meta in METRICS.items()
-        },
+        "metric_info": metric_info,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": _package_versions(),
     }
@@ -443,28 +566,36 @@ def _metrics_document(
 def _prediction_rows(
     dataset: Dataset,
     predictions: dict[str, list[Prediction]],
-    scored: list[int],
-    scores: dict[str, SampleScores],
+    items: ScoredItems,
 ) -> list[dict[str, Any]]:
-    position = {row: i for i, row in enumerate(scored)}
+    scored = set(items.scored)
     has_context = CONTEXT in dataset.column_names
-    columns = dataset.select_columns([IMAGE_ID, CAPTION] + ([CONTEXT] if has_context else []))
+    questions = QUESTION in dataset.column_names
+    text_columns = [IMAGE_ID, CAPTION] + [c for c in (CONTEXT, QUESTION, FOLLOW_UPS, TURN) if c in dataset.column_names]
+    columns = dataset.select_columns(text_columns)
     counts, priors = image_counts(dataset), has_prior(dataset)
     rows = []
     for index, record in enumerate(columns):
-        row: dict[str, Any] = {"index": index, "image_id": record[IMAGE_ID], "reference": record[CAPTION]}
+        row: dict[str, Any] = {"index": index, "image_id": record[IMAGE_ID]}
+        if TURN in record:
+            row["turn"] = record[TURN]  # the answer's place in its conversation, from 1
+        if questions:
+            row["question"] = prompt_dialogue(record)[0].asked
+        row["reference"] = items.references[index]
+        if questions:
+            row["closed"] = closed_answer(items.references[index])  # yes / no, or None: an open question
         if has_context:
             row["context"] = record[CONTEXT]
         # The images in the prompt: the current study's (a series counted as its sampled slices), and a prior.
         row["images"] = counts[index]
         row["prior"] = priors[index]
-        row["scored"] = index in position
+        row["scored"] = index in scored
         for role, role_predictions in predictions.items():
             prediction = role_predictions[index]
             row[role] = {
                 "text": prediction.text,
                 "error": prediction.error,
-                "scores": scores[role].row(position[index]) if index in position else None,
+                "scores": items.row_scores(role, index),
             }
         rows.append(row)
     return rows
@@ -492,6 +623,26 @@ def _example_thumbnails(dataset: Dataset, rows: list[int], options: ImageOptions
     return thumbnails
 
 
+def _example_groups(items: ScoredItems, rank_metric: str, count: int, seed: int) -> dict[str, list[int]]:
+    """Rows shown in the report: the best, worst and random captions (or open answers) by ``rank_metric`` (model -
+    baseline when there is one), and closed questions the model got wrong and right, drawn at random."""
+    groups: dict[str, list[int]] = {}
+    if items.open:
+        ranking = getattr(items.captions[MODEL], rank_metric)
+        if BASELINE in items.captions:
+            ranking = ranking - getattr(items.captions[BASELINE], rank_metric)
+        groups = {name: [items.open[i] for i in positions]
+                  for name, positions in select_examples(ranking, count, seed).items()}
+    if items.closed:
+        rng = np.random.default_rng(seed)
+        correct = items.answers[MODEL].correct
+        for name, wanted in (("closed_wrong", False), ("closed_right", True)):
+            pool = [row for row, right in zip(items.closed, correct) if bool(right) == wanted]
+            chosen = rng.choice(pool, size=min(count, len(pool)), replace=False) if pool and count else []
+            groups[name] = sorted(int(i) for i in chosen)
+    return groups
+
+
 def run_evaluation(config: EvalConfig) -> EvalOutcome:
     """Generate with each model, score, and write metrics.json, predictions.jsonl and report.html."""
     args = config.args
@@ -501,34 +652,26 @@ def run_evaluation(config: EvalConfig) -> EvalOutcome:
     _check_local_model(args.adapter, "--adapter")
     _check_local_model(args.baseline, "--baseline")
     prepared = load_eval_dataset(config)
-    dataset = prepared.dataset
+    dataset = evaluation_items(prepared.dataset)  # one row per answer: a conversation gives one per assistant turn
     logger.info("Evaluating on %s (split: %s): %s", config.data.dataset_name, config.split, prepared.summary())
 
     predictions, info = _generate_all(config, dataset)
-    scored = [i for i in range(len(dataset)) if all(p[i].error is None for p in predictions.values())]
-    references = dataset[CAPTION]
-    scores = {
-        role: score_samples([role_predictions[i].text or "" for i in scored], [references[i] for i in scored])
-        for role, role_predictions in predictions.items()
-    } if scored else {}
-    rows = _prediction_rows(dataset, predictions, scored, scores)
+    questions, conversations = QUESTION in dataset.column_names, FOLLOW_UPS in dataset.column_names
+    text_columns = [c for c in (CAPTION, QUESTION, FOLLOW_UPS) if c in dataset.column_names]
+    references = [prompt_dialogue(record)[1] for record in dataset.select_columns(text_columns)]
+    items = score_items(predictions, references, questions)
+    rows = _prediction_rows(dataset, predictions, items)
     output_dir.mkdir(parents=True, exist_ok=True)
     _write_jsonl(output_dir / "predictions.jsonl", rows)  # written even when nothing scored: it holds the errors
-    if not scored:
+    if not items.scored:
         raise EvaluationError(
             f"every image failed in at least one model, so nothing could be scored; the errors are in "
             f"{output_dir / 'predictions.jsonl'}"
         )
 
-    metrics = _metrics_document(config, prepared, scored, scores, info)
+    metrics = _metrics_document(config, prepared, items, predictions, info, questions, conversations)
     _write_json(output_dir / "metrics.json", metrics)
-    ranking = getattr(scores[MODEL], args.rank_metric)
-    if BASELINE in scores:
-        ranking = ranking - getattr(scores[BASELINE], args.rank_metric)
-    groups = {
-        name: [scored[i] for i in positions]
-        for name, positions in select_examples(ranking, args.examples, config.seed).items()
-    }
+    groups = _example_groups(items, args.rank_metric, args.examples, config.seed)
     thumbnails = _example_thumbnails(
         dataset, sorted({i for group in groups.values() for i in group}), config.data.image_options()
     )
@@ -559,9 +702,10 @@ def parse_config(argv: list[str] | None = None) -> EvalConfig:
 
 
 def summary_lines(metrics: dict[str, Any]) -> list[str]:
-    """The headline numbers, one metric a line, for the terminal."""
+    """The headline numbers, one metric a line, for the terminal; with questions each line names its group
+    (closed or open questions) and count."""
     lines = []
-    for name, meta in METRICS.items():
+    for name, meta in metrics["metric_info"].items():
         parts = []
         for role, model in metrics["models"].items():
             value = model["metrics"][name]
@@ -569,7 +713,8 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
         if metrics["difference"]:
             diff = metrics["difference"][name]
             parts.append(f"difference {diff['value']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]")
-        lines.append(f"{meta.label}: " + "; ".join(parts))
+        group = f" on {meta['scored_on']}" if metrics.get("questions") else ""
+        lines.append(f"{meta['label']}{group}: " + "; ".join(parts))
     return lines
 
 

@@ -39,7 +39,7 @@ from transformers import (
     TextIteratorStreamer,
 )
 
-from radiology.data import DEFAULT_INSTRUCTION, build_messages, control_token_in, decode_image
+from radiology.data import DEFAULT_INSTRUCTION, Dialogue, control_token_in, decode_image
 from radiology.dicom import has_dicom_preamble, read_dicom_image
 from radiology.series import (
     ALL_WINDOWS,
@@ -285,8 +285,8 @@ def study_images(images: StudyImages) -> list[ImageInput]:
 
 
 def _prompt(processor: ProcessorMixin, instruction: str | None, context: str | None, images: int = 1,
-            prior: bool = False) -> str:
-    messages = build_messages(instruction or DEFAULT_INSTRUCTION, context=context, images=images, prior=prior)
+            prior: bool = False, dialogue: Dialogue | None = None) -> str:
+    messages = (dialogue or Dialogue()).messages(instruction or DEFAULT_INSTRUCTION, context, images, prior)
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
@@ -300,24 +300,28 @@ def build_batch_inputs(
     instruction: str | None = None,
     contexts: Sequence[str | None] | None = None,
     priors: Sequence[ImageInput | None] | None = None,
+    dialogues: Sequence[Dialogue | None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Tokenized prompts + pixel values, one prompt per item of ``images`` (one image, or a study's
     several), padded on the left. ``priors``: a prior study's image per prompt (or None), placed first
-    and labelled as the prior in the prompt."""
+    and labelled as the prior in the prompt. ``dialogues``: per prompt, a question that replaces the
+    instruction and the earlier turns of a conversation (radiology.data.Dialogue; None: the instruction)."""
     if contexts is None:
         contexts = [None] * len(images)
     if priors is None:
         priors = [None] * len(images)
-    if len(contexts) != len(images) or len(priors) != len(images):
-        raise ValueError(f"{len(contexts)} contexts and {len(priors)} priors for {len(images)} prompts: "
-                         "give one of each per prompt (or none)")
+    if dialogues is None:
+        dialogues = [None] * len(images)
+    if len(contexts) != len(images) or len(priors) != len(images) or len(dialogues) != len(images):
+        raise ValueError(f"{len(contexts)} contexts, {len(priors)} priors and {len(dialogues)} dialogues for "
+                         f"{len(images)} prompts: give one of each per prompt (or none)")
     pictures = [
         ([_decoded(prior)] if prior is not None else []) + [_decoded(image) for image in study_images(row)]
         for row, prior in zip(images, priors)
     ]
     prompts = [
-        _prompt(processor, instruction, context, len(row), prior is not None)
-        for row, context, prior in zip(pictures, contexts, priors)
+        _prompt(processor, instruction, context, len(row), prior is not None, dialogue)
+        for row, context, prior, dialogue in zip(pictures, contexts, priors, dialogues)
     ]
     # Left padding: generation appends after the last column, so every prompt must end there.
     return processor(
@@ -336,10 +340,11 @@ def build_inputs(
     instruction: str | None = None,
     context: str | None = None,
     prior: ImageInput | None = None,
+    dialogue: Dialogue | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Tokenized prompt + pixel values for one image (or one study's several, and a prior), exactly as
-    the training collator builds prompts."""
-    return build_batch_inputs(processor, [image], instruction, [context], [prior])
+    """Tokenized prompt + pixel values for one image (or one study's several, and a prior; with ``dialogue``, a
+    question or a conversation's next question), exactly as the training collator builds prompts."""
+    return build_batch_inputs(processor, [image], instruction, [context], [prior], [dialogue])
 
 
 class StopSignal(StoppingCriteria):
@@ -389,9 +394,11 @@ def generate_batch(
     contexts: Sequence[str | None] | None = None,
     stop: threading.Event | None = None,
     priors: Sequence[ImageInput | None] | None = None,
+    dialogues: Sequence[Dialogue | None] | None = None,
 ) -> list[str]:
     """The model's descriptions for several prompts in one batch, in order: one per item of ``images``
-    (one image, or a study's several; with ``priors``, each prompt's prior study image or None).
+    (one image, or a study's several; with ``priors``, each prompt's prior study image or None; with
+    ``dialogues``, each prompt's question or conversation, see build_batch_inputs).
 
     Greedy answers equal those of one prompt at a time; sampled ones depend on the batch's make-up.
     """
@@ -403,17 +410,20 @@ def generate_batch(
         raise ValueError(f"{len(contexts)} contexts for {len(images)} prompts: give one per prompt (or none)")
     if priors is not None and len(priors) != len(images):
         raise ValueError(f"{len(priors)} priors for {len(images)} prompts: give one per prompt (or none)")
+    if dialogues is not None and len(dialogues) != len(images):
+        raise ValueError(f"{len(dialogues)} dialogues for {len(images)} prompts: give one per prompt (or none)")
     if loaded.engine is not None:
         contexts = list(contexts) if contexts is not None else [None] * len(images)
         listed_priors = list(priors) if priors is not None else [None] * len(images)
-        prompts = [build_inputs(loaded.processor, image, instruction, context, prior)
-                   for image, context, prior in zip(images, contexts, listed_priors)]
+        listed_dialogues = list(dialogues) if dialogues is not None else [None] * len(images)
+        prompts = [build_inputs(loaded.processor, image, instruction, context, prior, dialogue)
+                   for image, context, prior, dialogue in zip(images, contexts, listed_priors, listed_dialogues)]
         # Prompts whose answers could pass the engine's cache go to plain generate, which handles the
         # sliding window: an answer is never cut short.
         if all(loaded.engine.fits(p["input_ids"].shape[1], settings.max_new_tokens) for p in prompts):
             ids = loaded.engine.generate_many(prompts, settings, stop)
             return [loaded.processor.decode(row, skip_special_tokens=True).strip() for row in ids]
-    inputs = build_batch_inputs(loaded.processor, images, instruction, contexts, priors)
+    inputs = build_batch_inputs(loaded.processor, images, instruction, contexts, priors, dialogues)
     prompt_length = inputs["input_ids"].shape[1]  # (B, T): all prompts end at column T (left padding)
     _seed(settings)
     with torch.inference_mode():

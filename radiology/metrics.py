@@ -11,6 +11,11 @@
   (n = 1..4, idf over the references of the evaluated images), clipped candidate counts, a Gaussian
   length penalty (sigma 6), times 10 (0-10, the coco-caption scale; papers often print x100).
 - Length: generated words / reference words over the corpus (1.0 = as long as the references).
+- Accuracy of closed (yes/no) questions: the share of questions whose answer says the reference's
+  yes or no (see ``closed_answer`` for the rule); an answer saying neither counts as wrong.
+
+    closed = score_closed(answers, references)            # references all yes or no
+    bootstrap_interval("accuracy", closed, bootstrap_indices(len(closed), 1000, seed=0))
 
 Corpus values are recomputed on each bootstrap resample of images (BLEU from summed n-gram
 counts, not from averaged sentence scores); CIDEr-D keeps the idf of the full set of references.
@@ -29,7 +34,10 @@ from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU
 
 __all__ = [
+    "CLOSED_METRICS",
     "METRICS",
+    "YES_NO_RULE",
+    "ClosedScores",
     "Interval",
     "MetricInfo",
     "SampleScores",
@@ -39,11 +47,13 @@ __all__ = [
     "bootstrap_indices",
     "bootstrap_interval",
     "cider_d",
+    "closed_answer",
     "corpus_bleu",
     "corpus_value",
     "corpus_values",
     "paired_difference",
     "rouge_l",
+    "score_closed",
     "score_samples",
     "sentence_bleu",
     "words",
@@ -75,6 +85,18 @@ METRICS: dict[str, MetricInfo] = {
     "cider_d": MetricInfo("CIDEr-D", "0-10 (coco-caption scale)", True),
     "length_ratio": MetricInfo("Length ratio", "generated / reference words; 1 = same length", None),
 }
+# Closed (yes/no) questions are scored by accuracy instead of word overlap.
+CLOSED_METRICS: dict[str, MetricInfo] = {
+    "accuracy": MetricInfo("Accuracy (yes/no)", "0-1, share of closed questions answered right", True),
+}
+
+YES_NO_RULE = (
+    "an answer is yes or no when its first word, lower-cased, after any spaces and punctuation, is 'yes' or 'no' "
+    "('Yes.', 'yes, there is a nodule' -> yes; 'No' -> no; 'There is no nodule', 'none', 'yesterday' -> neither); "
+    "a question is closed when its reference answer is yes or no by this rule, and a closed question's answer is "
+    "right when it says the same"
+)
+_FIRST_WORD = re.compile(r"[\W_]*([a-z]+)(?![a-z0-9])")
 
 
 # --------------------------------------------------------------------------- per-image scores
@@ -208,12 +230,55 @@ def score_samples(hypotheses: Sequence[str], references: Sequence[str]) -> Sampl
     )
 
 
+# --------------------------------------------------------------------------- closed (yes/no) questions
+
+
+def closed_answer(text: str | None) -> str | None:
+    """'yes' or 'no' when ``text`` answers so by YES_NO_RULE (its first word), else None."""
+    match = _FIRST_WORD.match((text or "").lower())
+    word = match.group(1) if match else None
+    return word if word in ("yes", "no") else None
+
+
+@dataclass
+class ClosedScores:
+    """One model's answers to the closed questions (aligned arrays of length n)."""
+
+    answers: list[str | None]  # 'yes', 'no', or None when the answer says neither
+    correct: np.ndarray  # bool: the answer says the reference's yes or no
+
+    def __len__(self) -> int:
+        return len(self.correct)
+
+    def row(self, i: int) -> dict[str, str | bool | None]:
+        """Question i's score, as written to predictions.jsonl."""
+        return {"answer": self.answers[i], "correct": bool(self.correct[i])}
+
+
+def score_closed(hypotheses: Sequence[str], references: Sequence[str]) -> ClosedScores:
+    """Each answer to a closed question read as yes or no (YES_NO_RULE) and checked against its reference."""
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+    expected = [closed_answer(r) for r in references]
+    if None in expected:
+        raise ValueError("every reference of a closed question must be yes or no (see YES_NO_RULE)")
+    answers = [closed_answer(h) for h in hypotheses]
+    return ClosedScores(answers, np.array([a == e for a, e in zip(answers, expected)], dtype=bool))
+
+
 # --------------------------------------------------------------------------- corpus values
 
 
-def corpus_values(metric: str, scores: SampleScores, indices: np.ndarray) -> np.ndarray:
-    """The corpus value of ``metric`` on each row of image indices, shape (B, n) -> (B,)."""
+def corpus_values(metric: str, scores: SampleScores | ClosedScores, indices: np.ndarray) -> np.ndarray:
+    """The corpus value of ``metric`` on each row of image (or question) indices, shape (B, n) -> (B,).
+    ``accuracy`` takes a model's ClosedScores, the caption metrics its SampleScores."""
     indices = np.atleast_2d(indices)
+    if metric == "accuracy":
+        if not isinstance(scores, ClosedScores):
+            raise ValueError("accuracy is computed from ClosedScores (score_closed)")
+        return scores.correct[indices].mean(axis=1)
+    if isinstance(scores, ClosedScores):
+        raise ValueError(f"{metric} is a caption metric: give SampleScores (score_samples)")
     if metric == "bleu":
         summed = scores.bleu_statistics[indices].sum(axis=1)  # (B, 10)
         return np.array([bleu_from_statistics(row) for row in summed])
@@ -224,10 +289,10 @@ def corpus_values(metric: str, scores: SampleScores, indices: np.ndarray) -> np.
     if metric == "length_ratio":
         reference = scores.reference_words[indices].sum(axis=1).astype(np.float64)
         return scores.words[indices].sum(axis=1) / np.maximum(reference, 1.0)
-    raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    raise ValueError(f"unknown metric {metric!r}; choose from {', '.join([*METRICS, *CLOSED_METRICS])}")
 
 
-def corpus_value(metric: str, scores: SampleScores) -> float:
+def corpus_value(metric: str, scores: SampleScores | ClosedScores) -> float:
     """The corpus value of ``metric`` over all scored images."""
     return float(corpus_values(metric, scores, np.arange(len(scores)))[0])
 
@@ -264,7 +329,7 @@ def _percentiles(values: np.ndarray, confidence: float) -> tuple[float, float]:
 
 
 def bootstrap_interval(
-    metric: str, scores: SampleScores, indices: np.ndarray, confidence: float = 0.95
+    metric: str, scores: SampleScores | ClosedScores, indices: np.ndarray, confidence: float = 0.95
 ) -> Interval:
     """Corpus value of ``metric`` with its percentile bootstrap interval over images."""
     low, high = _percentiles(corpus_values(metric, scores, indices), confidence)
@@ -272,7 +337,11 @@ def bootstrap_interval(
 
 
 def paired_difference(
-    metric: str, model: SampleScores, baseline: SampleScores, indices: np.ndarray, confidence: float = 0.95
+    metric: str,
+    model: SampleScores | ClosedScores,
+    baseline: SampleScores | ClosedScores,
+    indices: np.ndarray,
+    confidence: float = 0.95,
 ) -> Interval:
     """model - baseline for ``metric``, with a paired bootstrap interval (both scored on the same resamples)."""
     if len(model) != len(baseline):

@@ -6,7 +6,9 @@
 inline SVG, images as downscaled base64 JPEG, so it can be mailed or archived as one file. Every
 piece of text (captions, model output, ids, paths) is HTML-escaped. Each example shows the images its
 answer was made from: one image large, several as a strip of small thumbnails in prompt order, a
-prior study's first and marked.
+prior study's first and marked. For question datasets the summary names the group each metric is scored on
+(closed yes/no questions: accuracy; open questions: the caption metrics) with its count, and the examples
+add closed questions the model got wrong and right.
 """
 
 from __future__ import annotations
@@ -156,10 +158,13 @@ def _summary_table(metrics: Mapping[str, Any]) -> str:
                 elif high < 0:
                     css = " worse" if info["higher_is_better"] else " better"
             cells += f"<td class='num{css}'>{_interval_text(diff, digits, signed=True)}</td>"
-        body.append(f"<tr><th scope=row>{_esc(info['label'])}<br><span class=note>{_esc(info['scale'])}</span></th>{cells}</tr>")
+        scored_on = f"<br><span class=note>on {_esc(info['scored_on'])}</span>" if metrics.get("questions") else ""
+        body.append(f"<tr><th scope=row>{_esc(info['label'])}<br><span class=note>{_esc(info['scale'])}</span>"
+                    f"{scored_on}</th>{cells}</tr>")
+    unit = metrics["bootstrap"].get("unit", "image")
     return (
         f"<table id=summary><thead><tr><th>metric</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-        f"<p class=note>Value [{confidence}% bootstrap interval over images, {metrics['bootstrap']['resamples']} "
+        f"<p class=note>Value [{confidence}% bootstrap interval over {_esc(unit)}s, {metrics['bootstrap']['resamples']} "
         "resamples]. A difference is shaded when its whole interval lies on one side of zero.</p>"
     )
 
@@ -199,7 +204,10 @@ def _bar_svg(values: Sequence[float], labels: Sequence[str], title: str, centred
 
 
 def _plots(rows: Sequence[Mapping[str, Any]], paired: bool) -> str:
-    scored = [row for row in rows if row["scored"]]
+    # Rows with caption scores: every scored row of a caption dataset, the open questions of a question dataset.
+    scored = [row for row in rows if row["scored"] and "bleu" in (row["model"]["scores"] or {})]
+    if not scored:
+        return "<p class=note>No open questions: every scored question is closed (see the accuracy above).</p>"
     labels = [str(row["image_id"]) for row in scored]
     figures = []
     for metric, (label, _) in _PER_IMAGE.items():
@@ -219,7 +227,11 @@ def _answer(entry: Mapping[str, Any] | None) -> str:
     if entry.get("error"):
         return f"<span class=error>failed: {_esc(entry['error'])}</span>"
     scores = entry.get("scores") or {}
-    shown = ", ".join(f"{_PER_IMAGE[m][0]} {scores[m]:.3g}" for m in _PER_IMAGE if m in scores)
+    if "correct" in scores:  # a closed question
+        said = f"reads as {scores['answer']}" if scores["answer"] else "says neither yes nor no"
+        shown = f"{'right' if scores['correct'] else 'wrong'} ({said})"
+    else:
+        shown = ", ".join(f"{_PER_IMAGE[m][0]} {scores[m]:.3g}" for m in _PER_IMAGE if m in scores)
     return f"{_esc(entry['text'])}<br><span class=note>{_esc(shown)}</span>"
 
 
@@ -232,7 +244,9 @@ def _examples(
 ) -> str:
     label = _PER_IMAGE[rank_metric][0]
     by = f"{label}, model − baseline" if paired else f"{label} of the model"
-    titles = {"best": f"Best ({by})", "worst": f"Worst ({by})", "random": "Random"}
+    titles = {"best": f"Best ({by})", "worst": f"Worst ({by})", "random": "Random",
+              "closed_wrong": "Closed questions the model answered wrongly (at random)",
+              "closed_right": "Closed questions the model answered rightly (at random)"}
     parts = []
     for group, indices in groups.items():
         if not indices:
@@ -242,6 +256,9 @@ def _examples(
             row = rows[index]
             picture = _pictures(row["image_id"], thumbnails.get(index))
             context = f"<dt>Clinical context</dt><dd>{_esc(row['context'])}</dd>" if row.get("context") else ""
+            if row.get("question"):
+                turn = f" (answer {row['turn']} of its conversation)" if row.get("turn") else ""
+                context += f"<dt>Question{_esc(turn)}</dt><dd>{_esc(row['question'])}</dd>"
             baseline = f"<dt>Baseline</dt><dd>{_answer(row.get('baseline'))}</dd>" if "baseline" in row else ""
             parts.append(
                 f"<article class=example data-group='{_esc(group)}'>{picture}<dl>"
@@ -275,18 +292,33 @@ def render_report(
     speed = "; ".join(
         f"{role}: {info['images_per_second']} images/s on {info['device']} ({info['precision']})" for role, info in models.items()
     )
+    questions = metrics.get("questions")
+    if questions:
+        scored = f"{data['scored']} answers scored" + (f" of {data['answers']}" if "answers" in data else "")
+        scored += f" ({questions['closed']} closed yes/no questions, {questions['open']} open), from {data['rows']} rows"
+        words = f"Reference answers average {data['reference_mean_words']} words."
+        prompt = "Prompt: each row's question (the instruction is not used)"
+        if questions.get("conversations"):
+            prompt += "; each answer of a conversation follows its earlier turns, with the dataset's answers"
+        prompt += f". Closed questions: {_esc(questions['rule'])}."
+    else:
+        scored = f"{data['scored']} rows scored of {data['rows']}"
+        words = f"Reference captions average {data['reference_mean_words']} words."
+        prompt = f"Instruction: {_esc(metrics['generation']['instruction'])}"
     intro = (
-        f"<p>{_esc(data['name'])}, split <b>{_esc(data['split'])}</b>: {data['scored']} rows scored of "
-        f"{data['rows']} (dropped as unusable: {_esc(dropped)}; failed generations: {_esc(errors)}). "
-        f"Reference captions average {data['reference_mean_words']} words.</p>"
+        f"<p>{_esc(data['name'])}, split <b>{_esc(data['split'])}</b>: {scored} "
+        f"(dropped as unusable: {_esc(dropped)}; failed generations: {_esc(errors)}). {words}</p>"
         f"<p class=note>Generation: {_esc(metrics['generation']['described'])}, batches of "
         f"{metrics['generation']['batch_size']}, seed {metrics['generation']['seed']}. Speed: {_esc(speed)}.<br>"
-        f"Instruction: {_esc(metrics['generation']['instruction'])}</p>"
+        f"{prompt}</p>"
     )
     plots_title = "Per-image score differences" if paired else "Per-image scores"
+    if questions:
+        plots_title = "Open questions: " + ("per-question score differences" if paired else "per-question scores")
+    bleu = metrics["metric_info"].get("bleu")
     footer = (
-        f"<p class=note>BLEU: {_esc(metrics['metric_info']['bleu'].get('signature', ''))}. "
-        f"Created {_esc(metrics.get('created'))}; "
+        (f"<p class=note>BLEU: {_esc(bleu.get('signature', ''))}. " if bleu else "<p class=note>")
+        + f"Created {_esc(metrics.get('created'))}; "
         f"{_esc(', '.join(f'{k} {v}' for k, v in metrics.get('versions', {}).items()))}.</p>"
     )
     return (

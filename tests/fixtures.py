@@ -334,3 +334,86 @@ def write_study_dataset(folder: Path, splits: dict[str, int] | None = None) -> P
                          "caption": STUDY_CAPTIONS[i % len(STUDY_CAPTIONS)]})
         (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return folder
+
+
+# --------------------------------------------------------------------------- questions and conversations
+
+# VQA-RAD-style rows: (image, question, answer); closed (yes/no) and open questions, several on one image.
+VQA_ROWS = [
+    ("ct", "Is there a nodule in the right upper lobe?", "Yes"),
+    ("mr", "Is the disc herniated?", "yes, at L4-L5"),
+    ("us", "Is there free fluid?", "No."),
+    ("ct", "Which lobe holds the nodule?", "The right upper lobe."),
+    ("mr_rotated", "What imaging modality is this?", "MRI"),
+    ("us_flipped", "Is the kidney enlarged?", "no"),
+    ("mr_overlay", "In which plane is the image taken?", "Axial plane"),
+    ("us_palette", "What organ is shown?", "The left kidney."),
+]
+
+
+def _write_pictures(folder: Path) -> dict[str, str]:
+    """distinct_images() as PNG files under folder/images; their paths relative to folder, by name."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, picture in distinct_images().items():
+        png = picture.convert("RGB") if picture.mode == "P" else picture
+        (folder / "images" / f"{name}.png").write_bytes(encode(png))
+        paths[name] = f"images/{name}.png"
+    return paths
+
+
+def write_vqa_dataset(folder: Path, splits: dict[str, int] | None = None) -> Path:
+    """A folder of JSONL splits in the VQA-RAD style: columns image (a relative PNG path of a real image), question,
+    answer and qid; yes/no and open questions mixed (VQA_ROWS, in turn)."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = _write_pictures(folder)
+    for split, n in (splits or {"train": 8, "test": 8}).items():
+        rows = [{"qid": f"{split}_{i}", "image": paths[VQA_ROWS[i % len(VQA_ROWS)][0]],
+                 "question": VQA_ROWS[i % len(VQA_ROWS)][1], "answer": VQA_ROWS[i % len(VQA_ROWS)][2]}
+                for i in range(n)]
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return folder
+
+
+# Conversations of three answers about one study: (images, [(question, answer), ...]); the first row has two images.
+CONVERSATIONS = [
+    (["ct", "ct_rotated"], [("Describe these images.", "Axial CT of the chest shows a spiculated nodule in the right "
+                                                       "upper lobe."),
+                            ("Is the nodule spiculated?", "Yes."),
+                            ("Which lobe holds it?", "The right upper lobe.")]),
+    (["mr"], [("Describe this image.", "Sagittal T2-weighted MRI shows a disc herniation at L4-L5."),
+              ("Is the spinal canal narrowed?", "Yes, mildly."),
+              ("At which level is the herniation?", "L4-L5.")]),
+    (["us"], [("What does the ultrasound show?", "A simple cyst in the left kidney."),
+              ("Is there hydronephrosis?", "No."),
+              ("How would you describe the cyst?", "Anechoic with a thin wall and posterior enhancement.")]),
+]
+
+
+def conversation_messages(turns: list[tuple[str, str]], images: int) -> list[dict]:
+    """A conversation in TRL's format: the images' items at the start of the first user turn, then the turns."""
+    messages = []
+    for number, (question, answer) in enumerate(turns):
+        content = [{"type": "image"} for _ in range(images if number == 0 else 0)]
+        messages.append({"role": "user", "content": [*content, {"type": "text", "text": question}]})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
+
+
+def write_conversation_dataset(folder: Path, splits: dict[str, int] | None = None) -> Path:
+    """A folder of JSONL splits in TRL's conversational format: ``messages`` (three answers each, image items at the
+    start of the first user turn) and ``images`` (relative PNG paths of real images, one or two per row), ``id``."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = _write_pictures(folder)
+    for split, n in (splits or {"train": 6, "test": 3}).items():
+        rows = []
+        for i in range(n):
+            names, turns = CONVERSATIONS[i % len(CONVERSATIONS)]
+            rows.append({"id": f"{split}_{i}", "images": [paths[name] for name in names],
+                         "messages": conversation_messages(turns, len(names))})
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return folder

@@ -10,6 +10,9 @@ import pytest
 
 from radiology.metrics import (
     METRICS,
+    closed_answer,
+    corpus_values,
+    score_closed,
     bleu_from_statistics,
     bleu_statistics,
     bootstrap_indices,
@@ -200,3 +203,45 @@ def test_paired_difference():
         assert (swapped.value, swapped.low, swapped.high) == pytest.approx((-diff.value, -diff.high, -diff.low))
         same = paired_difference(metric, good, good, indices)
         assert (same.value, same.low, same.high) == (0.0, 0.0, 0.0)
+
+
+# --------------------------------------------------------------------------- closed (yes/no) questions
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("Yes", "yes"), ("Yes.", "yes"), ("yes, there is a nodule", "yes"), ("  YES!", "yes"), ('"Yes"', "yes"),
+    ("No", "no"), ("no.", "no"), ("No, the lungs are clear.", "no"),
+    ("There is no nodule.", None), ("none", None), ("yesterday", None), ("Nodule", None), ("not seen", None),
+    ("2", None), ("", None), (None, None),
+])
+def test_a_yes_or_no_answer_is_read_from_its_first_word(answer, expected):
+    assert closed_answer(answer) == expected
+
+
+def test_closed_scores_count_an_answer_saying_neither_as_wrong():
+    scores = score_closed(["Yes.", "no, it is not", "There is no effusion.", "yes"], ["yes", "Yes", "No", "no."])
+    assert scores.answers == ["yes", "no", None, "yes"]
+    assert scores.correct.tolist() == [True, False, False, False]
+    assert scores.row(0) == {"answer": "yes", "correct": True} and scores.row(2) == {"answer": None, "correct": False}
+    with pytest.raises(ValueError, match="must be yes or no"):
+        score_closed(["Yes."], ["The right lobe."])
+
+
+def test_accuracy_and_its_paired_difference_come_from_the_same_bootstrap():
+    references = ["yes", "no"] * 50
+    model = score_closed(["Yes." if i % 10 else "No." for i in range(100)], references)
+    # Even i: reference yes; the model says yes except where i % 10 == 0: 40 of these 50 right.
+    # Odd i: reference no; the model says yes (i % 10 is never 0): all 50 wrong. Accuracy 40/100.
+    baseline = score_closed(["no"] * 100, references)  # right on every no-question: 50/100
+    indices = bootstrap_indices(100, 500, seed=0)
+    accuracy = bootstrap_interval("accuracy", model, indices)
+    assert accuracy.value == pytest.approx(0.40) and accuracy.low < 0.40 < accuracy.high
+    assert corpus_values("accuracy", model, indices).tolist() == model.correct[indices].mean(axis=1).tolist()
+    diff = paired_difference("accuracy", model, baseline, indices)
+    assert diff.value == pytest.approx(-0.10)
+    expected = (model.correct[indices].mean(axis=1) - baseline.correct[indices].mean(axis=1))
+    assert (diff.low, diff.high) == pytest.approx(tuple(np.percentile(expected, [2.5, 97.5])))
+    with pytest.raises(ValueError, match="accuracy is computed from ClosedScores"):
+        corpus_values("accuracy", score_samples(["a"], ["a"]), indices[:, :1])
+    with pytest.raises(ValueError, match="bleu is a caption metric"):
+        corpus_values("bleu", model, indices)

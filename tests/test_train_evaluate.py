@@ -130,3 +130,50 @@ def test_train_on_studies_saves_merges_and_evaluates_with_image_strips(tmp_path,
     assert sorted(s.count("src='data:image/jpeg;base64,") for s in strips) == [2, 3, 5, 7]
     assert not sentinel_hits(result.stdout, result.stderr)
     assert not files_with_sentinel(out)
+
+
+def test_train_on_questions_merges_and_scores_closed_and_open_questions(tmp_path, tiny_model_dir):
+    """train.py end to end on a VQA-style dataset (real images, yes/no and open questions): it trains on the
+    answers, merges, and --evaluate writes accuracy for the closed questions and the caption metrics for the open
+    ones, each with its count, for the model and the base and their difference."""
+    from tests.fixtures import write_vqa_dataset
+
+    data = write_vqa_dataset(tmp_path / "vqa")
+    out = tmp_path / "run"
+    result = run_cli("train.py", "--config", "recipes/tiny-cpu.yaml", "--model_name_or_path", str(tiny_model_dir),
+                     "--dataset_name", str(data), "--question_column", "question", "--answer_column", "answer",
+                     "--id_column", "qid", "--output_dir", str(out), "--max_steps", "2", "--save_strategy", "no",
+                     "--evaluate", "--eval_max_new_tokens", "4", "--eval_batch_size", "4")
+    assert "Questions: 8 rows, a question and its answer each" in result.stderr
+    assert (out / "adapter_model.safetensors").is_file() and (out / "merged" / "config.json").is_file()
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert (metrics["questions"]["closed"], metrics["questions"]["open"]) == (4, 4)
+    for role in ("model", "baseline"):
+        assert set(metrics["models"][role]["metrics"]) == {"accuracy", "bleu", "rouge_l", "cider_d", "length_ratio"}
+    assert set(metrics["difference"]) == {"accuracy", "bleu", "rouge_l", "cider_d", "length_ratio"}
+    assert metrics["dataset"]["columns"]["question_column"] == "question"
+    report = (out / "eval" / "report.html").read_text()
+    assert "on closed questions (4)" in report and "on open questions (4)" in report
+
+
+def test_train_on_three_turn_conversations_merges_and_scores_every_answer(tmp_path, tiny_model_dir):
+    """train.py end to end on conversations in TRL's format (three answers each, one or two real images): it trains
+    with the loss on every answer, merges, and --evaluate scores each answer after its earlier turns."""
+    from tests.fixtures import write_conversation_dataset
+
+    data = write_conversation_dataset(tmp_path / "chat")
+    out = tmp_path / "run"
+    result = run_cli("train.py", "--config", "recipes/tiny-cpu.yaml", "--model_name_or_path", str(tiny_model_dir),
+                     "--dataset_name", str(data), "--messages_column", "messages", "--id_column", "id",
+                     "--output_dir", str(out), "--max_steps", "2", "--save_strategy", "no",
+                     "--evaluate", "--eval_max_new_tokens", "4", "--eval_batch_size", "4")
+    assert "Questions: answers per conversation: 3 (6 rows); 18 answers in all" in result.stderr
+    assert "Images: images per row: 1 (4 rows), 2 (2 rows)" in result.stderr
+    assert (out / "merged" / "config.json").is_file()
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert (metrics["dataset"]["rows"], metrics["dataset"]["answers"], metrics["dataset"]["scored"]) == (3, 9, 9)
+    assert (metrics["questions"]["closed"], metrics["questions"]["open"], metrics["questions"]["conversations"]) \
+        == (3, 6, True)
+    assert "accuracy" in metrics["difference"] and "bleu" in metrics["difference"]
+    rows = [json.loads(line) for line in (out / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [row["turn"] for row in rows] == [1, 2, 3] * 3
