@@ -31,8 +31,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import httpx2  # the HTTP library of openai>=3: errors raised while a stream is read come from it
-import openai
+try:
+    import httpx2  # the HTTP library of openai>=3: errors raised while a stream is read come from it
+    import openai
+except ImportError:  # training and local serving run without the client; only a server URL needs it
+    httpx2 = openai = None
 from PIL import Image
 
 from radiology.data import DEFAULT_INSTRUCTION, Dialogue, decode_image
@@ -225,6 +228,8 @@ def _validated_url(url: str, flag: str = "--server_url") -> str:
 
 
 def _client(url: str, api_key: str | None, connect_timeout: float, read_timeout: float) -> openai.OpenAI:
+    if openai is None:
+        raise RemoteModelError("a server URL needs the openai client: pip install -r requirements.txt")
     # No retries: a stream cannot be replayed halfway, and the app retries on the user's next request.
     return openai.OpenAI(
         base_url=url,

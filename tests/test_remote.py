@@ -312,3 +312,30 @@ def test_vllm_refusals_become_messages_that_say_what_to_do(image, message, expec
             assert expected in check_server(refusing.url)
     finally:
         refusing.close()
+
+
+def test_training_and_evaluation_import_without_the_server_client_which_only_a_server_url_needs():
+    """A GPU box set up for training may lack the openai client: train.py must still start there."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    script = """
+import builtins
+real = builtins.__import__
+def without_client(name, globals=None, *args, **kwargs):
+    if name in ("openai", "httpx2") and (globals or {}).get("__name__") == "radiology.remote":
+        raise ImportError(name)
+    return real(name, globals, *args, **kwargs)
+builtins.__import__ = without_client
+import radiology.training, radiology.evaluate
+from radiology.remote import RemoteModel, RemoteModelError
+try:
+    RemoteModel("http://127.0.0.1:9/v1")
+except RemoteModelError as err:
+    print("refused:", err)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused: a server URL needs the openai client: pip install -r requirements.txt" in done.stdout
