@@ -26,9 +26,9 @@ import json
 import os
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import httpx2  # the HTTP library of openai>=3: errors raised while a stream is read come from it
@@ -43,6 +43,7 @@ __all__ = [
     "RemoteModel",
     "RemoteModelError",
     "RemoteRequest",
+    "ServerArguments",
     "add_server_arguments",
     "check_server",
     "openai_messages",
@@ -83,11 +84,13 @@ class RemoteModelError(RuntimeError):
 @dataclass(frozen=True)
 class RemoteRequest:
     """One prompt for ``RemoteModel.generate_many``: rendered images (one, or several in order),
-    the instruction (None: the default) and optional clinical context."""
+    the instruction (None: the default), optional clinical context, and whether the first image is a
+    prior study's (``radiology.data.RowImages.in_prompt_order`` gives a row's images in this order)."""
 
     images: Image.Image | Sequence[Image.Image]
     instruction: str | None = None
     context: str | None = None
+    prior: bool = False
 
 
 # --------------------------------------------------------------------------- the prompt
@@ -206,12 +209,12 @@ def _connection_problem(err: BaseException, url: str) -> str:
 # --------------------------------------------------------------------------- the client
 
 
-def _validated_url(url: str) -> str:
+def _validated_url(url: str, flag: str = "--server_url") -> str:
     url = url.strip().rstrip("/")
     if not re.match(r"^https?://[^/]+", url) or not url.endswith("/v1"):
         raise ValueError(
             f"server URL {url!r} must be http(s)://HOST:PORT/v1, the base of the OpenAI-compatible API "
-            "(e.g. http://localhost:8000/v1 for vllm serve); fix --server_url"
+            f"(e.g. http://localhost:8000/v1 for vllm serve); fix {flag}"
         )
     return url
 
@@ -386,16 +389,18 @@ class RemoteModel:
         settings: GenerationSettings | None = None,
         context: str | None = None,
         stop: threading.Event | None = None,
+        prior: bool = False,
     ) -> Iterator[str]:
         """Yields the description as it grows (each item is the text so far), as
-        ``radiology.generate.stream_text`` does. Setting ``stop``, or closing the iterator, closes the
+        ``radiology.generate.stream_text`` does. With ``prior`` the first image is a prior study's
+        (labelled so in the prompt). Setting ``stop``, or closing the iterator, closes the
         HTTP stream, which the server takes as the end of the request (vLLM aborts it); ``stop`` is
         set when the stream ends. A stream that breaks off raises RemoteModelError whose ``partial``
         holds the text so far."""
         settings = settings or GenerationSettings()
         stop = stop or threading.Event()
         secrets = [context] if context else []
-        messages = openai_messages(images, instruction, context)
+        messages = openai_messages(images, instruction, context, prior=prior)
         text = ""
         finished = False
         try:
@@ -448,36 +453,51 @@ class RemoteModel:
         settings: GenerationSettings | None = None,
         context: str | None = None,
         stop: threading.Event | None = None,
+        prior: bool = False,
     ) -> str:
         """The whole description (streamed underneath, so the read timeout applies between pieces,
         not to the whole answer)."""
         text = ""
-        for text in self.stream(images, instruction, settings, context, stop):
+        for text in self.stream(images, instruction, settings, context, stop, prior):
             pass
         return text
 
     def generate_many(
         self,
-        rows: Sequence[RemoteRequest],
+        rows: Sequence[RemoteRequest | Callable[[], RemoteRequest]],
         settings: GenerationSettings | None = None,
         concurrency: int = 8,
+        on_done: Callable[[int, str | Exception], None] | None = None,
     ) -> list[str | Exception]:
         """One answer per row, in order, with up to ``concurrency`` requests in flight (the server
-        batches them). A row that fails gets its exception instead (RemoteModelError from the server,
-        ValueError for a bad prompt); the other rows go on."""
+        batches them). A row may be a function that builds its request: it is called in the worker,
+        so that only the rows in flight hold rendered images, and their rendering overlaps the
+        requests. A row that fails gets its exception instead (RemoteModelError from the server,
+        ValueError for a bad prompt, whatever its builder raised); the other rows go on.
+        ``on_done(index, answer)`` is called, from a worker thread, as each row finishes."""
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if rows:
-            self.resolve_model()  # once, before the threads, rather than once per thread
-
-        def one(row: RemoteRequest) -> str | Exception:
             try:
-                return self.generate(row.images, row.instruction, settings, row.context)
-            except (RemoteModelError, ValueError) as err:
-                return err
+                self.resolve_model()  # once, before the threads, rather than once per thread
+            except RemoteModelError:
+                pass  # each row then tries (and records the reason) on its own
+
+        def one(index: int) -> str | Exception:
+            answer: str | Exception
+            try:
+                row = rows[index]
+                request = row if isinstance(row, RemoteRequest) else row()
+                answer = self.generate(request.images, request.instruction, settings, request.context,
+                                       prior=request.prior)
+            except Exception as err:  # one row's failure (a broken image, a refusal) is that row's answer
+                answer = err
+            if on_done is not None:
+                on_done(index, answer)
+            return answer
 
         with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="remote") as pool:
-            return list(pool.map(one, rows))
+            return list(pool.map(one, range(len(rows))))
 
 
 # --------------------------------------------------------------------------- start-up check
@@ -537,24 +557,75 @@ def check_server(
 
 # --------------------------------------------------------------------------- command line
 
+SERVER_ARGUMENTS_TITLE = "served model (OpenAI-compatible server: vLLM, SGLang, transformers serve)"
+
+
+@dataclass
+class ServerArguments:
+    """Options that point a command (the evaluation, the demo) at a served model instead of one it
+    loads. A command parses them as one group of its ProjectParser (``radiology.config``), or adds
+    them to a plain argparse parser with ``add_server_arguments``."""
+
+    server_url: str | None = field(
+        default=None,
+        metadata={"help": "API base of an OpenAI-compatible server, e.g. http://localhost:8000/v1: generate there "
+                          "instead of loading a model."},
+    )
+    server_model: str | None = field(
+        default=None, metadata={"help": "Served model name (default: the first the server lists)."}
+    )
+    server_api_key_env: str = field(
+        default=DEFAULT_API_KEY_ENV,
+        metadata={"help": "Environment variable holding the server's API key (unset: no key)."},
+    )
+    server_connect_timeout: float = field(
+        default=DEFAULT_CONNECT_TIMEOUT, metadata={"help": "Seconds to wait for the connection."}
+    )
+    server_read_timeout: float = field(
+        default=DEFAULT_READ_TIMEOUT, metadata={"help": "Seconds to wait for each piece of the answer."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.server_url is not None:
+            self.server_url = _validated_url(self.server_url)
+        elif self.server_model is not None:
+            raise ValueError("--server_model names a model on a server: give the server with --server_url")
+        if self.server_connect_timeout <= 0 or self.server_read_timeout <= 0:
+            raise ValueError("timeouts must be above 0 seconds; fix --server_connect_timeout/--server_read_timeout")
+
+    def remote(self, url: str | None = None, model: str | None = None, flag: str = "--server_url"
+               ) -> RemoteModel | None:
+        """The served model at ``url`` (default --server_url) named ``model`` (default --server_model when
+        ``url`` is not given), with this group's key and timeouts; None without a URL. ``flag`` names the
+        URL's option in errors."""
+        if url is None:
+            url, model = self.server_url, self.server_model
+        if url is None:
+            return None
+        return RemoteModel(_validated_url(url, flag), model, self.server_api_key_env,
+                           self.server_connect_timeout, self.server_read_timeout)
+
+    def check(self, remote: RemoteModel) -> str | None:
+        """Why ``remote`` cannot answer (``check_server``), or None; on success its model name is settled."""
+        problem = check_server(remote.url, remote.model, os.environ.get(self.server_api_key_env),
+                               self.server_connect_timeout, self.server_read_timeout)
+        if problem is None:
+            try:
+                remote.resolve_model()
+            except RemoteModelError as err:
+                return str(err)
+        return problem
+
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags that point a command (the demo, the evaluation) at a served model."""
-    group = parser.add_argument_group("served model (OpenAI-compatible server: vLLM, SGLang, transformers serve)")
-    group.add_argument("--server_url", default=None,
-                       help="API base of a server, e.g. http://localhost:8000/v1: generate there instead of loading a model")
-    group.add_argument("--server_model", default=None, help="served model name (default: the first the server lists)")
-    group.add_argument("--server_api_key_env", default=DEFAULT_API_KEY_ENV,
-                       help="environment variable holding the server's API key (unset: no key)")
-    group.add_argument("--server_connect_timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,
-                       help="seconds to wait for the connection")
-    group.add_argument("--server_read_timeout", type=float, default=DEFAULT_READ_TIMEOUT,
-                       help="seconds to wait for each piece of the answer")
+    """ServerArguments' flags on a plain argparse parser (a ProjectParser takes the dataclass itself)."""
+    group = parser.add_argument_group(SERVER_ARGUMENTS_TITLE)
+    for spec in fields(ServerArguments):
+        kind = float if isinstance(spec.default, float) else str
+        group.add_argument(f"--{spec.name}", type=kind, default=spec.default, help=spec.metadata["help"])
 
 
 def remote_from_args(args: argparse.Namespace) -> RemoteModel | None:
     """The RemoteModel the flags of ``add_server_arguments`` describe, or None without --server_url."""
-    if not args.server_url:
-        return None
-    return RemoteModel(args.server_url, args.server_model, args.server_api_key_env,
-                       args.server_connect_timeout, args.server_read_timeout)
+    server = ServerArguments(**{spec.name: getattr(args, spec.name) for spec in fields(ServerArguments)})
+    return server.remote()

@@ -73,6 +73,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.fixture(scope="session")
+def server(tiny_model_dir, tmp_path_factory):
+    """One `transformers serve` of the tiny model for every test that needs a served model (tests/servers.py)."""
+    from tests.servers import Server
+
+    running = Server(tiny_model_dir, tmp_path_factory.mktemp("serve") / "server.log")
+    yield running
+    running.stop()
+
+
 class RunningApp:
     """The demo served in this process on a free port, and what it serves."""
 

@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -30,68 +26,13 @@ from radiology.remote import (
 )
 from tests.conftest import free_port
 from tests.fixtures import SENTINEL, real_images, sentinel_hits, write_sentinel_dicom
+from tests.servers import Proxy, Server
 
-HOOKS = Path(__file__).resolve().parent / "serve_hooks"
 CANCELLED = re.compile(r"test-hook: generation cancelled after (\d+) tokens")
 LONG = 1500  # new tokens that take the tiny model minutes on a shared CPU: only a cancel ends them early
 
 
-# --------------------------------------------------------------------------- servers
-
-
-class Server:
-    """`transformers serve FOLDER` in a subprocess on a free port, its output in ``log``."""
-
-    def __init__(self, folder: Path, log: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.log = log
-        # One thread: the tiny model gains nothing from more, and the CPU is shared.
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HOOKS), "OMP_NUM_THREADS": "1"}
-        command = [str(Path(sys.executable).with_name("transformers")), "serve", str(folder),
-                   "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu"]
-        self._out = open(log, "wb")
-        self.process = subprocess.Popen(command, stdout=self._out, stderr=subprocess.STDOUT, env=env)
-        self._wait_until_healthy(timeout=180)
-
-    def _wait_until_healthy(self, timeout: float) -> None:
-        import urllib.request
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"transformers serve exited ({self.process.returncode}):\n{self.log_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise AssertionError(f"transformers serve not healthy after {timeout} s:\n{self.log_text()[-3000:]}")
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._out.close()
-
-
-@pytest.fixture(scope="session")
-def server(tiny_model_dir, tmp_path_factory):
-    running = Server(tiny_model_dir, tmp_path_factory.mktemp("serve") / "server.log")
-    yield running
-    running.stop()
+# --------------------------------------------------------------------------- fixtures (the server: tests/conftest.py)
 
 
 @pytest.fixture(scope="session")
@@ -110,47 +51,6 @@ def local(tiny_model_dir):
     decode engine can differ from it at a bf16 near-tie: on this image with context, by one ulp at
     token 45; so it is not the reference for prompt equality.)"""
     return load_for_generation(str(tiny_model_dir), device="cpu", fast=False)
-
-
-class Proxy:
-    """A TCP relay in front of a server that keeps every byte the client sent."""
-
-    def __init__(self, upstream_port: int):
-        self.upstream_port = upstream_port
-        self.sent = bytearray()
-        self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/v1"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
-
-    def _pump(self, source: socket.socket, target: socket.socket, record: bool) -> None:
-        try:
-            while data := source.recv(65536):
-                if record:
-                    with self._lock:
-                        self.sent.extend(data)
-                target.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (source, target):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self._listener.close()
 
 
 # --------------------------------------------------------------------------- the prompt
