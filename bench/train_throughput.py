@@ -159,6 +159,31 @@ def synthetic_dataset(folder: Path, rows: int, image_size: int = 896, seed: int 
     return folder
 
 
+def synthetic_study_dataset(folder: Path, rows: int, images: int, image_size: int = 896, seed: int = 0) -> Path:
+    """Like synthetic_dataset, with ``images`` images per row in an ``images`` list column: a study
+    (e.g. slices of a series) whose images all go into one prompt."""
+    from datasets import Dataset, Image as ImageFeature, Sequence
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / "train.parquet").exists():
+        return folder
+    rng = random.Random(seed)
+    np_rng = np.random.default_rng(seed)
+    records = []
+    for i in range(rows):
+        pictures = []
+        for _ in range(images):
+            small = (np_rng.random((28, 28)) * 255).astype(np.uint8)
+            buffer = io.BytesIO()
+            Image.fromarray(small, mode="L").resize((image_size, image_size), Image.BILINEAR).save(buffer, format="PNG")
+            pictures.append({"bytes": buffer.getvalue(), "path": None})
+        caption = "".join(rng.choice(string.ascii_lowercase + "  ") for _ in range(rng.randint(20, 120))).strip()
+        records.append({"images": pictures, "image_id": f"study_{i:05d}", "caption": caption or "x"})
+    Dataset.from_list(records).cast_column("images", Sequence(ImageFeature())).to_parquet(str(folder / "train.parquet"))
+    return folder
+
+
 def fixed_batches(checkpoint: Path, data: Path, count: int, batch_size: int = 1) -> list[dict]:
     """Batches built by the project's collator from the dataset's first rows, in order: what the
     train.py variants read with --train_sampling_strategy sequential."""
@@ -430,10 +455,13 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "bs8": ("gemma3-4b-qlora.yaml", ["--per_device_train_batch_size", "8"], "8 samples per step"),
     "bs16": ("gemma3-4b-qlora.yaml", ["--per_device_train_batch_size", "16"], "16 samples per step"),
     "fast": ("gemma3-4b-qlora-fast.yaml", [], "no LoRA in the vision tower"),
+    # Studies: 8 images per sample (slices of a series), the default recipe with room for their image blocks.
+    "images8": ("gemma3-4b-qlora.yaml", ["--images_column", "images", "--max_images", "8", "--max_length", "4096"],
+                "8 images per sample, default recipe"),
 }
 COMPILED = {"compile", "pure_compile", "all"}
 # Seconds a variant needs at least, to skip it rather than be cut off by --budget_s (4B on an H200).
-NEEDS_S = {"seed": 45, "compile": 150, "pure_compile": 150, "all": 150, "profile": 60, "profile_pure_auto": 60}
+NEEDS_S = {"images8": 60, "seed": 45, "compile": 150, "pure_compile": 150, "all": 150, "profile": 60, "profile_pure_auto": 60}
 DEFAULT_VARIANTS = "ceiling,seed,default,pure_bf16,ckpt_auto,pure_auto,pure_auto_v,all,compile"
 
 
@@ -568,7 +596,13 @@ def main() -> None:
                 budget = args.budget_gib or (seed["peak_gib"] if seed and seed["peak_gib"] == seed["peak_gib"] else 29.5)
                 overrides = [f"{budget:.2f}" if x == BUDGET else x for x in overrides]
                 warmup = args.compile_warmup if name in COMPILED else args.warmup
-                result = project_path(checkpoint, data, recipe, args.steps, warmup, overrides,
+                variant_data = data
+                if name.startswith("images"):
+                    count = int(name[len("images"):])
+                    variant_data = synthetic_study_dataset(Path(f"/tmp/bench-data-{args.size}-x{count}"),
+                                                           rows=4 * (warmup + args.steps), images=count,
+                                                           image_size=image_size)
+                result = project_path(checkpoint, variant_data, recipe, args.steps, warmup, overrides,
                                       measure_loader=name == "default")
         except Exception as err:  # one failing variant must not lose the others' numbers
             import traceback
@@ -578,8 +612,12 @@ def main() -> None:
             say(f"{name}: FAILED {repr(err)[:300]}")
             reset_memory()
             continue
-        result["tokens_per_s"] = result["samples_per_s"] * tokens_per_sample
-        result["tflops"] = result["samples_per_s"] * flops / 1e12
+        if name.startswith("images"):  # other samples: their tokens and FLOPs are not the table's
+            result["images_per_s"] = result["samples_per_s"] * int(name[len("images"):])
+            result["tokens_per_s"], result["tflops"] = float("nan"), float("nan")
+        else:
+            result["tokens_per_s"] = result["samples_per_s"] * tokens_per_sample
+            result["tflops"] = result["samples_per_s"] * flops / 1e12
         if ceiling:
             result["mfu"] = result["tflops"] / ceiling
         result["variant"] = name

@@ -5,10 +5,21 @@
     python -m radiology.evaluate --model google/gemma-3-4b-pt --adapter runs/r1 --load_in_4bit \\
         --baseline google/gemma-3-4b-pt --dataset_name data/ --output_dir runs/r1/eval --max_samples 50
     python -m radiology.evaluate --config eval.yaml --output_dir runs/r1/eval    # options from a YAML file
+    python -m radiology.evaluate --server_url http://gpu-box:8000/v1 --concurrency 16 \
+        --baseline google/gemma-3-4b-pt --dataset_name unsloth/Radiology_mini --output_dir runs/r1/eval
 
 The options are EvalArguments, the dataset description shared with train.py and radiology.audit
-(``radiology.data.DatasetArguments``) and radiology.generate's decoding flags. The split defaults to
-test; a dataset given as one file holds one split, scored whole and recorded as "whole file".
+(``radiology.data.DatasetArguments``), the served model's (``radiology.remote.ServerArguments``) and
+radiology.generate's decoding flags. The split defaults to test; a dataset given as one file holds one
+split, scored whole and recorded as "whole file".
+
+A model is loaded here (--model, --baseline; --batch_size rows per generate call) or served by an
+OpenAI-compatible server (--server_url, --baseline_server_url: vLLM, SGLang, transformers serve) with
+--concurrency requests in flight. Served models get the same prompts: each row's images are rendered
+here and sent as PNG pixels only (no DICOM header, file name or metadata), the prior first and labelled.
+With --server_url, --model is only the name shown in the results (default: the served model's name);
+likewise --baseline with --baseline_server_url. A server that cannot be reached, or does not serve
+the model, stops the run before anything is generated.
 
 Each model describes every row of the split (greedy and seeded by default, in left-padded
 batches): one image, or a study's several (several image columns, --images_column, a DICOM series'
@@ -23,14 +34,16 @@ answers. A question whose reference answer is yes or no (``radiology.metrics.YES
 scored by accuracy, with its bootstrap interval and the paired model - baseline difference; the others are
 open and scored with the caption metrics. OUTPUT_DIR receives:
 
-- metrics.json: corpus metrics per model, their difference, and everything needed to reproduce them;
+- metrics.json: corpus metrics per model, their difference, and everything needed to reproduce them
+  (a served model's source reads "served by URL (model NAME)", with its concurrency);
 - predictions.jsonl: one line per row (id, reference, images in the prompt, each model's text or error,
   per-row scores);
 - report.html: one self-contained page (summary table, per-row differences, examples with the strip of
   images each answer was made from).
 
-A model that fails on one image records the error in that image's row and goes on; images where a
-model failed are left out of every model's scores, so that both are scored on the same images.
+A model that fails on one image records the error in that image's row and goes on (for a served model
+also a refused request, or a server that goes away mid-run: every row left records why); images where
+a model failed are left out of every model's scores, so that both are scored on the same images.
 """
 
 from __future__ import annotations
@@ -38,7 +51,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -98,6 +113,7 @@ from radiology.metrics import (
     score_samples,
     words,
 )
+from radiology.remote import SERVER_ARGUMENTS_TITLE, RemoteModel, RemoteRequest, ServerArguments
 from radiology.report import Thumbnail, select_examples, strip_thumbnails, write_report
 
 __all__ = [
@@ -108,6 +124,7 @@ __all__ = [
     "EvalConfig",
     "EvalOutcome",
     "EvaluationError",
+    "ModelSource",
     "Prediction",
     "ScoredItems",
     "check_eval_output_dir",
@@ -115,8 +132,10 @@ __all__ = [
     "load_eval_dataset",
     "main",
     "make_parser",
+    "model_sources",
     "parse_config",
     "predict",
+    "predict_served",
     "run_evaluation",
     "score_items",
     "summary_lines",
@@ -130,6 +149,7 @@ PER_IMAGE_METRICS = ("bleu", "rouge_l", "cider_d")
 # Radiology captions run to tens of tokens; a base model that never stops would otherwise make
 # every image cost the full generate default of 256 tokens.
 EVAL_MAX_NEW_TOKENS = 128
+DEFAULT_CONCURRENCY = 8
 
 
 class EvaluationError(RuntimeError):
@@ -138,19 +158,40 @@ class EvaluationError(RuntimeError):
 
 @dataclass
 class EvalArguments:
-    """radiology.evaluate's own options (the dataset is DatasetArguments, decoding radiology.generate's flags)."""
+    """radiology.evaluate's own options (the dataset is DatasetArguments, the served model ServerArguments,
+    decoding radiology.generate's flags)."""
 
-    model: str = field(metadata={"help": "Fine-tuned model: merged folder, hub id, or the base model for --adapter."})
     output_dir: str = field(metadata={"help": "Folder for metrics.json, predictions.jsonl and report.html."})
+    model: str | None = field(
+        default=None,
+        metadata={"help": "Fine-tuned model: merged folder, hub id, or the base model for --adapter. With "
+                          "--server_url: only the name shown in the results (default: the served model's)."},
+    )
     adapter: str | None = field(default=None, metadata={"help": "LoRA adapter folder to apply to --model."})
     baseline: str | None = field(
-        default=None, metadata={"help": "Model to compare against (e.g. the base model), folder or hub id."}
+        default=None,
+        metadata={"help": "Model to compare against (e.g. the base model), folder or hub id. With "
+                          "--baseline_server_url: only the name shown in the results."},
     )
-    load_in_4bit: bool = field(default=False, metadata={"help": "Load both models in 4-bit NF4."})
+    baseline_server_url: str | None = field(
+        default=None,
+        metadata={"help": "API base of a server (http://HOST:PORT/v1) serving the baseline; it shares "
+                          "--server_api_key_env and the timeouts with --server_url."},
+    )
+    baseline_server_model: str | None = field(
+        default=None, metadata={"help": "Served baseline's name (default: the first the server lists)."}
+    )
+    concurrency: int = field(
+        default=DEFAULT_CONCURRENCY,
+        metadata={"help": "Requests in flight to a served model (models loaded here use --batch_size)."},
+    )
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the models loaded here in 4-bit NF4."})
     processor_name_or_path: str | None = field(
-        default=None, metadata={"help": "Processor (with chat template) for both models."}
+        default=None, metadata={"help": "Processor (with chat template) for the models loaded here."}
     )
-    device: str | None = field(default=None, metadata={"help": "cuda or cpu; none: cuda when present."})
+    device: str | None = field(
+        default=None, metadata={"help": "cuda or cpu for the models loaded here; none: cuda when present."}
+    )
     split: str | None = field(
         default=None,
         metadata={
@@ -177,6 +218,10 @@ class EvalArguments:
             raise ValueError("--max_samples must be at least 1 (or omitted for the whole split)")
         if self.batch_size < 1:
             raise ValueError("--batch_size must be at least 1")
+        if self.concurrency < 1:
+            raise ValueError("--concurrency must be at least 1")
+        if self.baseline_server_model is not None and self.baseline_server_url is None:
+            raise ValueError("--baseline_server_model names a model on a server: give it with --baseline_server_url")
         if self.bootstrap_resamples < 1:
             raise ValueError("--bootstrap_resamples must be at least 1")
         if not 0 < self.confidence < 1:
@@ -198,10 +243,12 @@ class EvalConfig:
         default_factory=lambda: GenerationSettings(max_new_tokens=EVAL_MAX_NEW_TOKENS, seed=0)
     )
     instruction: str = DEFAULT_INSTRUCTION
+    server: ServerArguments = field(default_factory=ServerArguments)
 
     def __post_init__(self) -> None:
         refuse_control_tokens(self.instruction, "--instruction")  # before minutes of loading, not after
         self.data.note_unused_instruction(self.instruction)
+        model_sources(self)  # a missing or contradictory model option, before anything loads
 
     @property
     def split(self) -> str:
@@ -342,6 +389,84 @@ def predict(
     return results
 
 
+@dataclass
+class ModelSource:
+    """Where one role's answers come from: a model loaded here (``name``, ``adapter``) or a served one
+    (``served``; ``name`` is then only the name shown, None for the served model's own)."""
+
+    name: str | None
+    adapter: str | None = None
+    served: RemoteModel | None = None
+    flag: str = "--server_url"  # the option that named the server, for messages
+
+
+def model_sources(config: EvalConfig) -> dict[str, ModelSource]:
+    """The model and, when one is given, the baseline: each loaded here or served. Raises ValueError
+    naming the option to fix when the options leave a model out or contradict each other."""
+    args, server = config.args, config.server
+    if server.server_url is None and not args.model:
+        raise ValueError("no model to evaluate: give --model (a folder or hub id), or --server_url for a served one")
+    if server.server_url is not None and args.adapter:
+        raise ValueError(
+            "--adapter applies to a model loaded here, but --server_url serves the model: serve the merged "
+            "folder (train.py writes OUTPUT_DIR/merged), or drop --server_url to load --model with --adapter"
+        )
+    sources = {MODEL: ModelSource(args.model, args.adapter, server.remote(), "--server_url")}
+    if args.baseline or args.baseline_server_url:
+        served = server.remote(args.baseline_server_url, args.baseline_server_model, "--baseline_server_url") \
+            if args.baseline_server_url else None
+        sources[BASELINE] = ModelSource(args.baseline, None, served, "--baseline_server_url")
+    return sources
+
+
+def _check_servers(config: EvalConfig, sources: dict[str, ModelSource]) -> None:
+    """Stop before anything is generated (or the data loads) when a server cannot answer."""
+    for role, source in sources.items():
+        if source.served is not None:
+            problem = config.server.check(source.served)
+            if problem is not None:
+                raise EvaluationError(f"{role} ({source.flag} {source.served.url}): {problem}")
+
+
+def _served_request(row: dict[str, Any], instruction: str, options: ImageOptions) -> RemoteRequest:
+    study = row_images(row, options)  # rendered here: only the pixels travel
+    return RemoteRequest(study.in_prompt_order, instruction, row.get(CONTEXT), prior=study.prior is not None,
+                         dialogue=prompt_dialogue(row)[0])
+
+
+def predict_served(
+    served: RemoteModel,
+    dataset: Dataset,
+    instruction: str = DEFAULT_INSTRUCTION,
+    settings: GenerationSettings | None = None,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    desc: str = "Generating",
+    options: ImageOptions | None = None,
+) -> list[Prediction]:
+    """``predict`` for a served model: one Prediction per row, in order, with ``concurrency`` requests in
+    flight. Each row's images are read in the worker that sends them, so only the rows in flight are held."""
+    settings = settings or GenerationSettings(max_new_tokens=EVAL_MAX_NEW_TOKENS, seed=0)
+    options = options or ImageOptions()
+    ids = dataset[IMAGE_ID]
+    lock = threading.Lock()
+
+    def request(index: int) -> Callable[[], RemoteRequest]:
+        return lambda: _served_request(dataset[index], instruction, options)
+
+    with tqdm(total=len(dataset), desc=desc, unit="row") as bar:
+        def done(index: int, answer: str | Exception) -> None:
+            if isinstance(answer, Exception):
+                logger.warning("%s: %s failed: %s", desc, ids[index], _describe_error(answer))
+            with lock:
+                bar.update(1)
+
+        answers = served.generate_many([request(i) for i in range(len(dataset))], settings, concurrency, done)
+    return [
+        Prediction(None, _describe_error(answer)) if isinstance(answer, Exception) else Prediction(answer)
+        for answer in answers
+    ]
+
+
 def display_name(source: str, adapter: str | None = None) -> str:
     """A short, recognisable model name: a hub id as is, a folder as its last two parts (run1/merged)."""
     path = Path(source).expanduser()
@@ -349,39 +474,74 @@ def display_name(source: str, adapter: str | None = None) -> str:
     return name + (f" + {Path(adapter).name}" if adapter else "")
 
 
-def _generate_all(config: EvalConfig, dataset: Dataset) -> tuple[dict[str, list[Prediction]], dict[str, dict]]:
+def _generate_locally(config: EvalConfig, dataset: Dataset, role: str, source: ModelSource
+                      ) -> tuple[list[Prediction], dict[str, Any]]:
     args = config.args
-    sources = {MODEL: (args.model, args.adapter)}
-    if args.baseline:
-        sources[BASELINE] = (args.baseline, None)
+    assert source.name is not None  # model_sources guarantees a name for a model loaded here
+    # One model at a time: both may not fit on the GPU, so each is freed before the next loads.
+    with load_for_generation(
+        source.name,
+        adapter=source.adapter,
+        load_in_4bit=args.load_in_4bit,
+        device=args.device,
+        processor_name_or_path=args.processor_name_or_path,
+    ) as loaded:
+        started = time.perf_counter()  # generation alone, not loading
+        predictions = predict(
+            loaded, dataset, config.instruction, config.settings, args.batch_size, desc=f"Generating ({role})",
+            options=config.data.image_options(),
+        )
+        seconds = time.perf_counter() - started
+    info = {
+        "name": display_name(source.name, source.adapter),
+        "source": source.name,
+        "adapter": source.adapter,
+        "precision": loaded.precision,
+        "device": loaded.device,
+        "seconds": seconds,
+    }
+    return predictions, info
+
+
+def _generate_served(config: EvalConfig, dataset: Dataset, role: str, source: ModelSource
+                     ) -> tuple[list[Prediction], dict[str, Any]]:
+    served, concurrency = source.served, config.args.concurrency
+    assert served is not None
+    started = time.perf_counter()
+    predictions = predict_served(served, dataset, config.instruction, config.settings, concurrency,
+                                 desc=f"Generating ({role}, served)", options=config.data.image_options())
+    seconds = time.perf_counter() - started
+    model = served.resolve_model()
+    info = {
+        "name": source.name or model,
+        "source": f"served by {served.url} (model {model})",
+        "adapter": None,
+        "precision": served.precision,
+        "device": f"the server at {served.url} (model {model}, {concurrency} requests in flight)",
+        "server_url": served.url,
+        "server_model": model,
+        "concurrency": concurrency,
+        "seconds": seconds,
+    }
+    return predictions, info
+
+
+def _generate_all(config: EvalConfig, dataset: Dataset, sources: dict[str, ModelSource] | None = None
+                  ) -> tuple[dict[str, list[Prediction]], dict[str, dict]]:
+    sources = sources if sources is not None else model_sources(config)
     predictions: dict[str, list[Prediction]] = {}
     info: dict[str, dict[str, Any]] = {}
-    for role, (name, adapter) in sources.items():
+    for role, source in sources.items():
         torch.manual_seed(config.seed)
-        # One model at a time: both may not fit on the GPU, so each is freed before the next loads.
-        with load_for_generation(
-            name,
-            adapter=adapter,
-            load_in_4bit=args.load_in_4bit,
-            device=args.device,
-            processor_name_or_path=args.processor_name_or_path,
-        ) as loaded:
-            started = time.perf_counter()
-            predictions[role] = predict(
-                loaded, dataset, config.instruction, config.settings, args.batch_size, desc=f"Generating ({role})",
-                options=config.data.image_options(),
-            )
-            seconds = time.perf_counter() - started
-            info[role] = {
-                "name": display_name(name, adapter),
-                "source": name,
-                "adapter": adapter,
-                "precision": loaded.precision,
-                "device": loaded.device,
-                "errors": sum(p.error is not None for p in predictions[role]),
-                "seconds": round(seconds, 3),
-                "images_per_second": round(len(dataset) / seconds, 3) if seconds > 0 else None,
-            }
+        generate = _generate_served if source.served is not None else _generate_locally
+        predictions[role], details = generate(config, dataset, role, source)
+        seconds = details.pop("seconds")
+        info[role] = {
+            **details,
+            "errors": sum(p.error is not None for p in predictions[role]),
+            "seconds": round(seconds, 3),
+            "images_per_second": round(len(dataset) / seconds, 3) if seconds > 0 else None,
+        }
     return predictions, info
 
 
@@ -648,14 +808,17 @@ def run_evaluation(config: EvalConfig) -> EvalOutcome:
     args = config.args
     output_dir = Path(args.output_dir)
     check_eval_output_dir(output_dir, args.overwrite_output_dir)
-    _check_local_model(args.model, "--model")
+    sources = model_sources(config)
+    for flag, source in (("--model", sources[MODEL]), ("--baseline", sources.get(BASELINE))):
+        if source is not None and source.served is None:
+            _check_local_model(source.name, flag)
     _check_local_model(args.adapter, "--adapter")
-    _check_local_model(args.baseline, "--baseline")
+    _check_servers(config, sources)
     prepared = load_eval_dataset(config)
     dataset = evaluation_items(prepared.dataset)  # one row per answer: a conversation gives one per assistant turn
     logger.info("Evaluating on %s (split: %s): %s", config.data.dataset_name, config.split, prepared.summary())
 
-    predictions, info = _generate_all(config, dataset)
+    predictions, info = _generate_all(config, dataset, sources)
     questions, conversations = QUESTION in dataset.column_names, FOLLOW_UPS in dataset.column_names
     text_columns = [c for c in (CAPTION, QUESTION, FOLLOW_UPS) if c in dataset.column_names]
     references = [prompt_dialogue(record)[1] for record in dataset.select_columns(text_columns)]
@@ -685,8 +848,9 @@ def run_evaluation(config: EvalConfig) -> EvalOutcome:
 def make_parser() -> ProjectParser:
     """The command line: EvalArguments, the shared DatasetArguments and radiology.generate's decoding flags."""
     parser = ProjectParser(
-        [("evaluation: models, split, scoring and output", EvalArguments), ("dataset", DatasetArguments)],
-        description="Score a fine-tuned Gemma 3 (and a baseline) on held-out radiology images.",
+        [("evaluation: models, split, scoring and output", EvalArguments), ("dataset", DatasetArguments),
+         (SERVER_ARGUMENTS_TITLE, ServerArguments)],
+        description="Score a fine-tuned Gemma 3 (and a baseline), loaded here or served, on held-out radiology images.",
     )
     generation = parser.add_argument_group(
         "generation (as radiology.generate; greedy unless --do_sample or --temperature)"
@@ -697,8 +861,9 @@ def make_parser() -> ProjectParser:
 
 def parse_config(argv: list[str] | None = None) -> EvalConfig:
     """An EvalConfig from the command line (and a YAML file given with --config)."""
-    args, data, generation = make_parser().parse_args_and_config(args=argv)
-    return EvalConfig(args=args, data=data, settings=settings_from_args(generation), instruction=generation.instruction)
+    args, data, server, generation = make_parser().parse_args_and_config(args=argv)
+    return EvalConfig(args=args, data=data, settings=settings_from_args(generation), instruction=generation.instruction,
+                      server=server)
 
 
 def summary_lines(metrics: dict[str, Any]) -> list[str]:

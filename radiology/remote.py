@@ -35,7 +35,7 @@ import httpx2  # the HTTP library of openai>=3: errors raised while a stream is 
 import openai
 from PIL import Image
 
-from radiology.data import DEFAULT_INSTRUCTION, build_messages, decode_image
+from radiology.data import DEFAULT_INSTRUCTION, Dialogue, decode_image
 from radiology.generate import GenerationSettings
 
 __all__ = [
@@ -91,6 +91,7 @@ class RemoteRequest:
     instruction: str | None = None
     context: str | None = None
     prior: bool = False
+    dialogue: Dialogue | None = None  # a question (and earlier turns) that replaces the instruction
 
 
 # --------------------------------------------------------------------------- the prompt
@@ -124,12 +125,13 @@ def openai_messages(
     instruction: str | None = None,
     context: str | None = None,
     prior: bool = False,
+    dialogue: Dialogue | None = None,
 ) -> list[dict[str, Any]]:
-    """The training prompt's user turn (``build_messages``) in the OpenAI chat format: each image
-    becomes an ``image_url`` item holding a PNG data URL, in the order the prompt places them
-    (with ``prior``, the first image is the prior study's)."""
+    """The training prompt (``build_messages``, through ``dialogue`` for a question or a conversation's
+    earlier turns) in the OpenAI chat format: each image becomes an ``image_url`` item holding a PNG data
+    URL, in the order the prompt places them (with ``prior``, the first image is the prior study's)."""
     pictures = _as_image_list(images)
-    messages = build_messages(instruction or DEFAULT_INSTRUCTION, context=context, images=len(pictures), prior=prior)
+    messages = (dialogue or Dialogue()).messages(instruction or DEFAULT_INSTRUCTION, context, len(pictures), prior)
     remaining = iter(pictures)
     converted = []
     for message in messages:
@@ -139,7 +141,10 @@ def openai_messages(
                 content.append({"type": "text", "text": item["text"]})
             else:
                 content.append({"type": "image_url", "image_url": {"url": _clean_png_data_url(next(remaining))}})
-        converted.append({"role": message["role"], "content": content})
+        if message["role"] == "assistant":  # an earlier answer: plain text, as every server takes it
+            converted.append({"role": "assistant", "content": "".join(item["text"] for item in content)})
+        else:
+            converted.append({"role": message["role"], "content": content})
     return converted
 
 
@@ -390,6 +395,7 @@ class RemoteModel:
         context: str | None = None,
         stop: threading.Event | None = None,
         prior: bool = False,
+        dialogue: Dialogue | None = None,
     ) -> Iterator[str]:
         """Yields the description as it grows (each item is the text so far), as
         ``radiology.generate.stream_text`` does. With ``prior`` the first image is a prior study's
@@ -400,7 +406,7 @@ class RemoteModel:
         settings = settings or GenerationSettings()
         stop = stop or threading.Event()
         secrets = [context] if context else []
-        messages = openai_messages(images, instruction, context, prior=prior)
+        messages = openai_messages(images, instruction, context, prior=prior, dialogue=dialogue)
         text = ""
         finished = False
         try:
@@ -454,11 +460,12 @@ class RemoteModel:
         context: str | None = None,
         stop: threading.Event | None = None,
         prior: bool = False,
+        dialogue: Dialogue | None = None,
     ) -> str:
         """The whole description (streamed underneath, so the read timeout applies between pieces,
         not to the whole answer)."""
         text = ""
-        for text in self.stream(images, instruction, settings, context, stop, prior):
+        for text in self.stream(images, instruction, settings, context, stop, prior, dialogue):
             pass
         return text
 
@@ -489,7 +496,7 @@ class RemoteModel:
                 row = rows[index]
                 request = row if isinstance(row, RemoteRequest) else row()
                 answer = self.generate(request.images, request.instruction, settings, request.context,
-                                       prior=request.prior)
+                                       prior=request.prior, dialogue=request.dialogue)
             except Exception as err:  # one row's failure (a broken image, a refusal) is that row's answer
                 answer = err
             if on_done is not None:

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 import app
 from tests.conftest import ROOT
@@ -54,20 +55,30 @@ def long_answer_app(tmp_path_factory):
     running.close()
 
 
+def _type_into_slider(page, elem_id: str, value: int) -> None:
+    """Types a value into a slider's number box and waits until the slider itself holds it (Generate
+    sends the slider's value). Under load the page may miss a first Enter: type it again until it holds."""
+    box = page.locator(f"#{elem_id} input[type=number]")
+    holds = f"() => document.querySelector('#{elem_id} input[type=range]').value === '{value}'"
+    deadline = time.monotonic() + 60
+    while True:
+        box.fill(str(value))
+        box.press("Enter")
+        box.blur()
+        try:
+            page.wait_for_function(holds, timeout=5_000)
+            return
+        except PlaywrightTimeout:
+            if time.monotonic() > deadline:
+                raise
+
+
 def _start_long_generation(page, image: Path) -> None:
     page.locator("#upload input[type=file]").set_input_files(str(image))
     page.locator("#preview img").wait_for(state="visible", timeout=30_000)
     # The longest answer the app allows, so that Stop (or closing the tab) lands while it is written.
     page.get_by_text("Decoding", exact=True).first.click()
-    tokens = page.locator("#max-new-tokens input[type=number]")
-    tokens.fill(str(LONG_ANSWER_TOKENS))
-    tokens.press("Enter")
-    tokens.blur()
-    # The slider takes the typed value on its own schedule: wait until it holds it, or Generate sends the old one.
-    page.wait_for_function(
-        f"() => document.querySelector('#max-new-tokens input[type=range]').value === '{LONG_ANSWER_TOKENS}'",
-        timeout=10_000,
-    )
+    _type_into_slider(page, "max-new-tokens", LONG_ANSWER_TOKENS)
     page.locator("#generate").click()
 
 
@@ -243,11 +254,7 @@ def test_a_zipped_series_slice_slider_sent_slices_and_a_prior(browser, app_serve
     page = browser.new_page(viewport={"width": 1280, "height": 1400})
     page.goto(app_server.url)
     page.locator("#disclaimer").wait_for(state="visible", timeout=60_000)
-    max_images = page.locator("#max-images input[type=number]")
-    max_images.fill("3")
-    max_images.press("Enter")
-    page.wait_for_function("() => document.querySelector('#max-images input[type=range]').value === '3'",
-                           timeout=10_000)
+    _type_into_slider(page, "max-images", 3)
     page.locator("#upload input[type=file]").set_input_files(str(archive))
     slider = page.locator("#slice")
     slider.wait_for(state="visible", timeout=30_000)
