@@ -454,6 +454,7 @@ class StudyView:
     choices: list[tuple[int, str]] | None = None
     problem: str | None = None  # the message for a study that cannot be shown
     fell_back: bool = False  # the view asked for did not fit: the default one is shown
+    moved: bool = True  # the item shown is not the one the slider asked for (none asked, or beyond the study)
 
 
 def _view_study(
@@ -477,17 +478,19 @@ def _view_study(
             warning(str(again))
             return StudyView(None, problem=str(again))
         warning(f"{problem} Showing the default view instead.")
-        return StudyView(study, _shown_index(study, shown), fell_back=True)
+        return _shown_item(study, shown, fell_back=True)
     except UploadError as err:
         warning(str(err))
         return StudyView(None, problem=str(err))
-    return StudyView(study, _shown_index(study, shown))
+    return _shown_item(study, shown)
 
 
-def _shown_index(study: UploadedStudy, shown: object) -> int:
-    """The 0-based item to show: the slider's (1-based) number within the study, else the middle one."""
+def _shown_item(study: UploadedStudy, shown: object, fell_back: bool = False) -> StudyView:
+    """The view of ``study`` at the slider's (1-based) number ``shown``: that item when the study has
+    it, else the last one; the middle one when ``shown`` is empty."""
     number = read_number(shown, "Slice", 1, whole=True, empty="the middle one")
-    return study.total // 2 if number is None else min(int(number), study.total) - 1
+    index = study.total // 2 if number is None else min(int(number), study.total) - 1
+    return StudyView(study, index, fell_back=fell_back, moved=number is None or index != number - 1)
 
 
 def _view_outputs(view: StudyView) -> tuple[Any, ...]:
@@ -516,8 +519,11 @@ def _study_outputs(view: StudyView, keep_series: bool) -> tuple[Any, ...]:
     study = view.study
     if study is not None and study.total > 1:
         number = view.shown + 1
-        slider = gr.Slider(minimum=1, maximum=study.total, value=number, step=1, label=_slice_label(study, number),
-                           visible=True)
+        # The slider keeps its place unless it must move: a person may have stepped it further since
+        # this view was asked for, and that step's own view follows this one.
+        position = {"value": number} if view.moved else {}
+        slider = gr.Slider(minimum=1, maximum=study.total, step=1, label=_slice_label(study, number), visible=True,
+                           **position)
     else:
         slider = gr.Slider(minimum=1, maximum=2, value=1, visible=False)
     if view.choices:
@@ -549,33 +555,53 @@ def preview_upload(upload: object, window: object = AUTO_WINDOW) -> tuple[Any, .
     return _view_outputs(_view_study(upload, window, None, None, None, None, None, None, render=False))
 
 
+StudyKey = tuple[tuple[str, ...], str | None, int | None, str | None, StudyControls]
+
+
+def study_key(
+    upload: object, window: object, frame: object, prior: object, series: object, max_images: object,
+    first_slice: object, last_slice: object,
+) -> StudyKey:
+    """What the study controls ask for, checked (ControlError) and in one form (an empty number box
+    and no value alike): two requests with equal keys describe the same study."""
+    window_name, frame_number = read_view(window, frame)
+    return (tuple(study_paths(upload)), window_name, frame_number, upload_path(prior, "prior study"),
+            read_study_controls(series, max_images, first_slice, last_slice))
+
+
 def show_new_study(upload: object, window: object, max_images: object, prior: object) -> tuple[Any, ...]:
     """After a new upload: the slider at the middle slice, the images sent, the series to choose
-    from; the series choice and the slice range of the previous upload are cleared."""
+    from; the series choice and the slice range of the previous upload are cleared. The last value
+    is the study now on the page (``show_view``'s state)."""
     view = _view_study(upload, window, None, prior, None, max_images, None, None, warn=False)  # /preview warned
-    return (*_study_outputs(view, keep_series=False)[1:], None, None)
+    on_page = study_key(upload, window, None, prior, None, max_images, None, None) if _settled(view) else None
+    return (*_study_outputs(view, keep_series=False)[1:], None, None, on_page)
 
 
-def show_study(
+def _settled(view: StudyView) -> bool:
+    # A study shown as asked: a fallback or a problem leaves controls that describe another view.
+    return view.study is not None and not view.fell_back
+
+
+def show_view(
     upload: object, window: object, frame: object, prior: object, series: object, max_images: object,
-    first_slice: object, last_slice: object, shown: object,
+    first_slice: object, last_slice: object, shown: object, on_page: StudyKey | None,
 ) -> tuple[Any, ...]:
-    """The study again after a control changed (window, series, max images, slice range, prior)."""
-    view = _view_study(upload, window, frame, prior, series, max_images, first_slice, last_slice, shown)
-    return _study_outputs(view, keep_series=True)
-
-
-def show_slice(
-    upload: object, window: object, frame: object, prior: object, series: object, max_images: object,
-    first_slice: object, last_slice: object, shown: object,
-) -> tuple[Any, ...]:
-    """The slice the slider points at, as the model would get it, and whether it is sent."""
-    view = _view_study(upload, window, frame, None, series, max_images, first_slice, last_slice, shown,
-                       render=False)
+    """The input panel after a study control (window, series, max images, slice range, prior) or the
+    slice slider changed: ``_study_outputs``' values, then the study now on the page (this event's
+    state). When the controls still describe ``on_page``, only the slice the slider points at is
+    rendered (stepping through a series stays quick); otherwise the whole study is."""
+    key = study_key(upload, window, frame, prior, series, max_images, first_slice, last_slice)
+    if key != on_page:
+        view = _view_study(upload, window, frame, prior, series, max_images, first_slice, last_slice, shown)
+        return (*_study_outputs(view, keep_series=True), key if _settled(view) else None)
+    view = _view_study(upload, window, frame, None, series, max_images, first_slice, last_slice, shown, render=False)
     if view.study is None:
-        return gr.skip(), gr.skip()
-    image = view.study.item(view.shown).image
-    return image, gr.Slider(label=_slice_label(view.study, view.shown + 1))
+        return (gr.skip(),) * 9
+    number = view.shown + 1
+    slider = gr.Slider(label=_slice_label(view.study, number), **({"value": number} if view.moved else {}))
+    # The preview and the slider; the rest of the panel already shows this study.
+    return (view.study.item(view.shown).image, *(gr.skip(),) * 4, slider, gr.skip(), gr.skip(), gr.skip())
 
 
 # --------------------------------------------------------------------------- UI
@@ -627,11 +653,11 @@ class InputPanel:
         return [self.preview, self.burned_in, self.window, self.frame, self.dicom_summary]
 
     def study_outputs(self) -> list[gr.components.Component]:
-        """In the order of ``show_study``'s values."""
+        """In the order of ``show_view``'s values (before its state)."""
         return [*self.preview_outputs(), self.slice, self.sent, self.series]
 
     def study_inputs(self) -> list[gr.components.Component]:
-        """In the order of ``show_study``'s (and ``show_slice``'s) parameters."""
+        """In the order of ``show_view``'s parameters (before its state)."""
         return [self.upload, self.window, self.frame, self.prior, self.series, self.max_images, self.first_slice,
                 self.last_slice, self.slice]
 
@@ -817,17 +843,20 @@ def build_demo(served: DemoModel, config: AppConfig | None = None, stops: StopRe
         previews = dict(preprocess=False, concurrency_id="preview", concurrency_limit=PREVIEW_CONCURRENCY)
         uploaded = panel.upload.change(_refusing("preview", preview_upload), [panel.upload, panel.window],
                                        panel.preview_outputs(), api_name="preview", **previews)
+        on_page = gr.State(None)  # the study the panel shows (study_key), so a slider step renders one slice
         uploaded.then(_refusing("preview", show_new_study),
                       [panel.upload, panel.window, panel.max_images, panel.prior],
-                      panel.study_outputs()[1:] + [panel.first_slice, panel.last_slice], api_visibility="private",
-                      **previews)
-        # A person changing the view (select: a dropdown choice fires input twice).
-        for event in (panel.window.select, panel.series.select, panel.max_images.release, panel.first_slice.input,
-                      panel.last_slice.input, panel.prior.change):
-            event(_refusing("preview", show_study), panel.study_inputs(), panel.study_outputs(),
-                  api_visibility="private", trigger_mode="always_last", **previews)
-        panel.slice.input(_refusing("preview", show_slice), panel.study_inputs(), [panel.preview, panel.slice],
-                          api_visibility="private", trigger_mode="always_last", **previews)
+                      panel.study_outputs()[1:] + [panel.first_slice, panel.last_slice, on_page],
+                      api_visibility="private", **previews)
+        # A person changing the view (select: a dropdown choice fires input twice) or stepping the slider.
+        # One event for all of them, so that the page runs them one at a time: a trigger while one runs
+        # runs once more after it, with the values then on the page (always_last). As separate events
+        # they ran side by side, and a whole study's view (Max images' box fires on losing focus) could
+        # land after a slider step's and put back the slice before it.
+        gr.on([panel.window.select, panel.series.select, panel.max_images.release, panel.first_slice.input,
+               panel.last_slice.input, panel.prior.change, panel.slice.input],
+              _refusing("preview", show_view), [*panel.study_inputs(), on_page], [*panel.study_outputs(), on_page],
+              api_visibility="private", trigger_mode="always_last", show_progress_on=panel.preview, **previews)
         generate_inputs = [panel.upload, instruction, *decoding.inputs(), context, panel.window, panel.frame,
                            *panel.generate_inputs()]
         # Values the API took before studies: the rest may be left out of a request (their defaults).
