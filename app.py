@@ -5,6 +5,7 @@ series (and a prior study to compare with), read the draft as it streams.
     python app.py --model runs/r1/merged             # a merged fine-tuned model (train.py's OUTPUT_DIR/merged)
     python app.py --model google/gemma-3-4b-pt --adapter runs/r1 --load_in_4bit
     python app.py --model runs/r1/merged --baseline google/gemma-3-4b-pt   # both answers side by side
+    python app.py --server_url http://gpu-box:8000/v1    # a model served by vLLM, SGLang or transformers serve
     RADIOLOGY_MODEL=your-org/your-model RADIOLOGY_CONCURRENCY=2 python app.py
 
 Every option has a RADIOLOGY_* environment variable (a flag wins over it); `python app.py --help` lists
@@ -38,7 +39,15 @@ import gradio as gr
 from PIL import Image
 
 from radiology.data import DEFAULT_INSTRUCTION
-from radiology.generate import GenerationSettings, LoadedModel, SideBySideTexts, paced, stream_side_by_side
+from radiology.generate import AnsweringModel, GenerationSettings, LoadedModel, SideBySideTexts, paced, stream_side_by_side
+from radiology.remote import (
+    DEFAULT_API_KEY_ENV,
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_READ_TIMEOUT,
+    RemoteModel,
+    RemoteModelError,
+    ServerArguments,
+)
 from radiology.series import DEFAULT_MAX_IMAGES
 from radiology.serve import (
     MAX_CONTEXT_CHARS,
@@ -52,6 +61,7 @@ from radiology.serve import (
     ControlError,
     DemoModel,
     SeriesChoiceError,
+    ServerError,
     StopRegistry,
     UploadedStudy,
     UploadError,
@@ -96,6 +106,10 @@ BASELINE_NOTICE = (
     "{reason}, so this page shows the model's answer alone. Check --baseline (RADIOLOGY_BASELINE): a merged "
     "model folder or a hub id reachable from this machine."
 )
+SERVER_NOTICE = (
+    "The model server did not answer: {reason}. The page keeps serving and each Generate tries the server "
+    "again; this note goes once it answers."
+)
 # The decoding controls' ranges: the sliders show them and every request is checked against them.
 DECODING_MODES = ("greedy", "sampling")
 TEMPERATURE_RANGE = (0.05, 2.0)
@@ -136,6 +150,13 @@ class AppConfig:
     max_new_tokens: int = 1024
     upload_ttl: int = 900
     gpu_duration: int = 120
+    server_url: str | None = None
+    server_model: str | None = None
+    server_api_key_env: str = DEFAULT_API_KEY_ENV
+    server_connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    server_read_timeout: float = DEFAULT_READ_TIMEOUT
+    baseline_server_url: str | None = None
+    baseline_model: str | None = None
 
 
 def _parse_bool(value: str) -> bool:
@@ -164,6 +185,13 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _positive_seconds(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError(f"must be above 0 seconds, got {value}")
+    return number
+
+
 # (flag, environment variable, type, help). The flag's destination is the AppConfig field.
 _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--model", "RADIOLOGY_MODEL", str, "merged model folder or hub id (default: the embedded tiny demo model)"),
@@ -189,6 +217,20 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
      "the largest answer a request may ask for, in tokens (default 1024)"),
     ("--upload_ttl", "RADIOLOGY_UPLOAD_TTL", _positive_int, "seconds an upload stays on the server (default 900)"),
     ("--gpu_duration", "RADIOLOGY_GPU_DURATION", _positive_int, "ZeroGPU seconds reserved per request (default 120)"),
+    ("--server_url", "RADIOLOGY_SERVER_URL", str,
+     "API base of an OpenAI-compatible server (vLLM, SGLang, transformers serve), e.g. http://localhost:8000/v1: "
+     "generate there instead of loading a model"),
+    ("--server_model", "RADIOLOGY_SERVER_MODEL", str, "the served model's name (default: the first the server lists)"),
+    ("--server_api_key_env", "RADIOLOGY_SERVER_API_KEY_ENV", str,
+     f"environment variable holding the servers' API key (default {DEFAULT_API_KEY_ENV}; unset: no key)"),
+    ("--server_connect_timeout", "RADIOLOGY_SERVER_CONNECT_TIMEOUT", _positive_seconds,
+     f"seconds to wait for a connection to a server (default {DEFAULT_CONNECT_TIMEOUT:g})"),
+    ("--server_read_timeout", "RADIOLOGY_SERVER_READ_TIMEOUT", _positive_seconds,
+     f"seconds to wait for each piece of a served answer (default {DEFAULT_READ_TIMEOUT:g})"),
+    ("--baseline_server_url", "RADIOLOGY_BASELINE_SERVER_URL", str,
+     "a server whose model answers beside the model's (default with --baseline_model: --server_url)"),
+    ("--baseline_model", "RADIOLOGY_BASELINE_MODEL", str,
+     "the served baseline's name (default: the first --baseline_server_url lists)"),
 ]
 
 
@@ -211,7 +253,30 @@ def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] | None 
                                 help=f"{help_text} [{variable}]")
         else:
             parser.add_argument(flag, type=kind, default=default, help=f"{help_text} [{variable}]")
-    return AppConfig(**vars(parser.parse_args(argv)))
+    config = AppConfig(**vars(parser.parse_args(argv)))
+    try:
+        remote_models(config)
+    except ValueError as err:
+        parser.error(str(err))
+    return config
+
+
+def remote_models(config: AppConfig) -> tuple[RemoteModel | None, RemoteModel | None]:
+    """The served model and the served baseline that ``config`` names (None: loaded here, or none).
+    ValueError names the flags that do not fit together. Nothing is sent to a server here."""
+    if config.server_url and (config.model or config.adapter):
+        raise ValueError("--server_url serves the model from a server: leave out --model and --adapter "
+                         "(RADIOLOGY_MODEL, RADIOLOGY_ADAPTER), or leave out --server_url to load the model here")
+    baseline_url = config.baseline_server_url or (config.server_url if config.baseline_model else None)
+    if config.baseline and baseline_url:
+        raise ValueError("give the baseline once: --baseline (loaded here) or --baseline_server_url/--baseline_model "
+                         "(served)")
+    if config.baseline_model and not baseline_url:
+        raise ValueError("--baseline_model names a model on a server: give --baseline_server_url (or --server_url)")
+    server = ServerArguments(config.server_url, config.server_model, config.server_api_key_env,
+                             config.server_connect_timeout, config.server_read_timeout)  # checks the URL
+    baseline = server.remote(baseline_url, config.baseline_model, flag="--baseline_server_url") if baseline_url else None
+    return server.remote(), baseline
 
 
 # --------------------------------------------------------------------------- generation
@@ -331,12 +396,16 @@ def _status_lines(abouts: Sequence[str], item: SideBySideTexts) -> list[str]:
 
 
 def make_generate(
-    models: Sequence[LoadedModel], stops: StopRegistry, config: AppConfig
+    models: Sequence[AnsweringModel], stops: StopRegistry, config: AppConfig,
+    on_server: Callable[[str | None], None] | None = None,
 ) -> Callable[..., Iterator[tuple[str, ...]]]:
     """The Generate button's handler. It streams the models' answers (the served one, then a
-    baseline) through ``stream_side_by_side``: (text so far, the line under it) for each model, all
-    pairs in every update. It gets the controls' values unprocessed and checks each of them."""
+    baseline; each loaded here or served elsewhere) through ``stream_side_by_side``: (text so far,
+    the line under it) for each model, all pairs in every update. It gets the controls' values
+    unprocessed and checks each of them. ``on_server`` hears, after each request that reached a
+    model server, why the server failed (None: it answered)."""
     models = list(models)
+    served_elsewhere = not any(isinstance(m, LoadedModel) for m in models)
 
     # Only picklable arguments (a key, not the event): on ZeroGPU this runs in a worker process.
     def stream_on_gpu(
@@ -346,7 +415,8 @@ def make_generate(
         yield from stream_side_by_side(models, images, instruction, settings, context, stop=stops.event(key),
                                        prior=prior)
 
-    stream_on_gpu = _gpu_function(stream_on_gpu, config.gpu_duration)
+    if not served_elsewhere:  # a served model needs no GPU of this machine
+        stream_on_gpu = _gpu_function(stream_on_gpu, config.gpu_duration)
 
     def generate(
         upload: object,
@@ -384,6 +454,14 @@ def make_generate(
                                            settings)) as items:
                     for item in paced(items, UPDATE_INTERVAL_S):
                         yield tuple(x for pair in zip(item, _status_lines(abouts, item)) for x in pair)
+                if on_server is not None and any(isinstance(m, RemoteModel) for m in models):
+                    on_server(None)  # the server answered: a problem seen before is gone
+            except RemoteModelError as err:
+                # The message names the server and what to do; it holds no request text or image data.
+                logger.warning("a model server failed: %s", err)
+                if on_server is not None:
+                    on_server(str(err))
+                raise gr.Error(f"The model server could not answer: {err}", print_exception=False) from None
             except Exception as err:
                 if is_out_of_memory(err):
                     free_accelerator_memory()
@@ -611,7 +689,18 @@ def _banner(text: str, elem_id: str, background: str, border: str) -> gr.HTML:
     return gr.HTML(_banner_html(text, background, border), elem_id=elem_id)
 
 
-def _banners(served: DemoModel) -> None:
+def server_notice(served: DemoModel) -> Any:
+    """The server banner's update: why a model server failed its last check or request, hidden while
+    the servers answer."""
+    problem = served.server_problem
+    if not problem:
+        return gr.HTML("", visible=False)
+    return gr.HTML(_banner_html(SERVER_NOTICE.format(reason=problem.rstrip(".")), "#ffe1e1", "#c62828", role="alert"),
+                   visible=True)
+
+
+def _banners(served: DemoModel) -> gr.HTML | None:
+    """The banners above the page; returns the server banner (None where no model is served elsewhere)."""
     _banner(DISCLAIMER, "disclaimer", "#fff4d6", "#d89b00")
     if served.placeholder:
         reason = (served.reason or "no model is configured").rstrip(".")
@@ -621,6 +710,10 @@ def _banners(served: DemoModel) -> None:
         reason = served.baseline_reason.rstrip(".")
         _banner(BASELINE_NOTICE.format(reason=reason[:1].upper() + reason[1:]), "baseline-notice",
                 "#ffe1e1", "#c62828")
+    if not served.remotes:
+        return None
+    notice = server_notice(served)
+    return gr.HTML(notice.value, visible=notice.visible, elem_id="server-notice")
 
 
 def load_examples(folder: Path = ASSETS) -> list[dict[str, str]]:
@@ -806,7 +899,7 @@ def build_demo(served: DemoModel, config: AppConfig | None = None, stops: StopRe
     # Uploads (and previews made from them) are deleted from Gradio's cache once upload_ttl old.
     delete_cache = (min(60, config.upload_ttl), config.upload_ttl)
     with DemoBlocks(title=TITLE, analytics_enabled=False, delete_cache=delete_cache) as demo:
-        _banners(served)
+        server_banner = _banners(served)
         gr.Markdown(f"# {TITLE}\nUpload an image (PNG, JPEG, WebP, BMP, TIFF, GIF or DICOM), several of one study "
                     "(two views, a DICOM series' files or its .zip) or pick an example; add a prior study and the "
                     "clinical history if you like, and press **Generate**.")
@@ -862,7 +955,7 @@ def build_demo(served: DemoModel, config: AppConfig | None = None, stops: StopRe
         # Values the API took before studies: the rest may be left out of a request (their defaults).
         demo.required_values["generate"] = generate_inputs.index(panel.frame) + 1
         run = generate_button.click(
-            make_generate(served.models, stops, config),
+            make_generate(served.models, stops, config, on_server=lambda problem: setattr(served, "server_problem", problem)),
             generate_inputs,
             answers,
             api_name="generate",
@@ -871,12 +964,15 @@ def build_demo(served: DemoModel, config: AppConfig | None = None, stops: StopRe
             concurrency_id="gpu",
             concurrency_limit=concurrency,
         )
-        # The GPU's memory in use: read again on each page load and after each answer.
-        def refresh_panel() -> str:
-            return model_panel(served)
+        # The GPU's memory in use (and whether the model server answers): read again on each page load
+        # and after each answer.
+        refreshed = [panel_text] if server_banner is None else [panel_text, server_banner]
 
-        demo.load(refresh_panel, None, panel_text, api_visibility="private", concurrency_limit=None)
-        run.then(refresh_panel, None, panel_text, api_visibility="private", concurrency_limit=None)
+        def refresh_panel() -> Any:
+            return model_panel(served) if server_banner is None else (model_panel(served), server_notice(served))
+
+        demo.load(refresh_panel, None, refreshed, api_visibility="private", concurrency_limit=None)
+        run.then(refresh_panel, None, refreshed, api_visibility="private", concurrency_limit=None)
 
         def stop(request: gr.Request) -> None:
             stops.stop(request.session_hash)
@@ -909,10 +1005,12 @@ def main(argv: list[str] | None = None) -> int:
     # httpx logs every request URL at INFO, file URLs included: kept to warnings.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     config = parse_args(argv)
+    remote, baseline_remote = remote_models(config)
     try:
         served = load_for_demo(config.model, config.adapter, config.load_in_4bit, config.device,
-                               config.cache_dir, config.require_model, baseline=config.baseline)
-    except BaselineError as err:  # only reached with --require_model
+                               config.cache_dir, config.require_model, baseline=config.baseline,
+                               remote=remote, baseline_remote=baseline_remote)
+    except (BaselineError, ServerError) as err:  # only reached with --require_model
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # only reached with --require_model
@@ -920,6 +1018,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if served.placeholder:
         logger.warning("serving the tiny demo model (%s): its output is meaningless", served.reason)
+    if served.server_problem:
+        logger.warning("serving with the model server's problem on the page; each request tries it again")
     for role, loaded in zip(("model", "baseline"), served.models):
         logger.info("%s: %s, %s on %s", role, loaded.name, loaded.precision, loaded.device)
         seconds = warm_up_on_gpu(loaded)  # CUDA only: the first user would otherwise wait for graph capture

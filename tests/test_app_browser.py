@@ -353,3 +353,36 @@ def test_a_slider_step_is_not_undone_by_a_slower_study_view(browser, app_server,
     expected = load_study([str(archive)], max_images=3, render=False).item(4).image.convert("RGB")
     assert shown.tobytes() == expected.tobytes()  # slice 5 as the model would get it
     page.close()
+
+
+def test_generating_through_a_served_model(browser, server, tmp_path_factory):
+    """`python app.py --server_url URL`: the page names the server, and the answer it shows is the
+    server's answer to the image the app rendered."""
+    from radiology.data import DEFAULT_INSTRUCTION
+    from radiology.generate import GenerationSettings
+    from radiology.remote import RemoteModel
+    from radiology.serve import load_study
+    from tests.conftest import start_app
+
+    image = ROOT / "assets" / "ct_axial.png"
+    running = start_app(tmp_path_factory.mktemp("served-cache"), server_url=server.url)
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 1100})
+        page.goto(running.url)
+        page.locator("#disclaimer").wait_for(state="visible", timeout=60_000)
+        assert f"served by {server.url}" in page.locator("#model-panel").inner_text()
+        assert page.locator("#demo-model-notice").count() == 0 and not page.locator("#server-notice").is_visible()
+        page.locator("#upload input[type=file]").set_input_files(str(image))
+        page.locator("#preview img").wait_for(state="visible", timeout=30_000)
+        page.get_by_text("Decoding", exact=True).first.click()
+        _type_into_slider(page, "max-new-tokens", 20)
+        page.locator("#generate").click()
+        page.wait_for_function("() => /done in/.test(document.querySelector('#answer-settings').innerText)",
+                               timeout=120_000)
+        assert "served by" in page.locator("#answer-settings").inner_text()
+        expected = RemoteModel(server.url).generate(load_study([str(image)]).images, DEFAULT_INSTRUCTION,
+                                                    GenerationSettings(max_new_tokens=20))
+        assert expected and page.locator("#answer textarea").input_value() == expected
+        page.close()
+    finally:
+        running.close()
