@@ -39,7 +39,14 @@ import gradio as gr
 from PIL import Image
 
 from radiology.data import DEFAULT_INSTRUCTION
-from radiology.generate import AnsweringModel, GenerationSettings, LoadedModel, SideBySideTexts, paced, stream_side_by_side
+from radiology.generate import (
+    AnsweringModel,
+    GenerationSettings,
+    LoadedModel,
+    SideBySideTexts,
+    paced,
+    stream_side_by_side,
+)
 from radiology.remote import (
     DEFAULT_API_KEY_ENV,
     DEFAULT_CONNECT_TIMEOUT,
@@ -275,8 +282,9 @@ def remote_models(config: AppConfig) -> tuple[RemoteModel | None, RemoteModel | 
         raise ValueError("--baseline_model names a model on a server: give --baseline_server_url (or --server_url)")
     server = ServerArguments(config.server_url, config.server_model, config.server_api_key_env,
                              config.server_connect_timeout, config.server_read_timeout)  # checks the URL
-    baseline = server.remote(baseline_url, config.baseline_model, flag="--baseline_server_url") if baseline_url else None
-    return server.remote(), baseline
+    if baseline_url is None:
+        return server.remote(), None
+    return server.remote(), server.remote(baseline_url, config.baseline_model, flag="--baseline_server_url")
 
 
 # --------------------------------------------------------------------------- generation
@@ -955,7 +963,8 @@ def build_demo(served: DemoModel, config: AppConfig | None = None, stops: StopRe
         # Values the API took before studies: the rest may be left out of a request (their defaults).
         demo.required_values["generate"] = generate_inputs.index(panel.frame) + 1
         run = generate_button.click(
-            make_generate(served.models, stops, config, on_server=lambda problem: setattr(served, "server_problem", problem)),
+            make_generate(served.models, stops, config,
+                          on_server=lambda problem: setattr(served, "server_problem", problem)),
             generate_inputs,
             answers,
             api_name="generate",

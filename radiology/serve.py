@@ -955,8 +955,8 @@ def describe_memory(models: Sequence[AnsweringModel]) -> str:
     else:
         gpu = MemoryStatus(gpu=None, model_footprint=None).describe()
     roles = ["model footprint", "baseline footprint"]
-    sizes = [f"{role}: {format_bytes(model_footprint(m.model))}" if isinstance(m, LoadedModel) else f"{role}: on the server"
-             for role, m in zip(roles, models)]
+    sizes = [f"{role}: {format_bytes(model_footprint(m.model))}" if isinstance(m, LoadedModel)
+             else f"{role}: on the server" for role, m in zip(roles, models)]
     return " · ".join([gpu, *sizes])
 
 

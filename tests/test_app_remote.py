@@ -71,7 +71,8 @@ def test_server_options_come_from_flags_or_variables_and_refuse_a_mix(capsys):
         (["--server_url", "http://gpu:8000"], "must be http"),
         (["--server_url", "http://gpu:8000/v1", "--model", "runs/r1/merged"], "leave out --model"),
         (["--baseline_model", "base"], "give --baseline_server_url"),
-        (["--baseline", "google/gemma-3-4b-pt", "--baseline_server_url", "http://gpu:8001/v1"], "give the baseline once"),
+        (["--baseline", "google/gemma-3-4b-pt", "--baseline_server_url", "http://gpu:8001/v1"],
+         "give the baseline once"),
     ]:
         with pytest.raises(SystemExit):
             app.parse_args(argv, environ={})
@@ -180,7 +181,8 @@ def test_a_dead_server_is_named_on_the_page_and_the_app_recovers_when_it_returns
     proxy = None
     try:
         notice = _component(_page_config(running), "server-notice")
-        assert notice["visible"] and "connection refused" in notice["value"] and "tries the server again" in notice["value"]
+        assert notice["visible"] and "connection refused" in notice["value"]
+        assert "tries the server again" in notice["value"]
         client = running.client()
         with pytest.raises(AppError, match="could not answer: cannot connect .*connection refused"):
             client.predict(*generate_args(EXAMPLE, max_new_tokens=8), api_name="/generate")
