@@ -1,7 +1,7 @@
 """The demo on a served model under concurrent requests: N gradio_client requests at once.
 
     python bench/app_concurrency.py                                   # transformers serve, tiny model, CPU
-    python bench/app_concurrency.py --url http://gpu-box:8000/v1      # a running vLLM / SGLang server
+    python bench/app_concurrency.py --url http://127.0.0.1:8000/v1    # a vLLM / SGLang server on this machine
     python bench/app_concurrency.py --counts 8 32 --max_queue 16
 
 Starts the app (``app.py --server_url``) in this process in front of the server, with a TCP relay
@@ -62,7 +62,8 @@ def run(count: int, client, scan: Path, max_new_tokens: int) -> Counter:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", help="a running server's API base (default: transformers serve of the tiny model)")
+    parser.add_argument("--url", help="a running server's API base on this machine (the relay reaches 127.0.0.1 only; "
+                        "default: transformers serve of the tiny model)")
     parser.add_argument("--counts", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--max_new_tokens", type=int, default=16)
     parser.add_argument("--max_queue", type=int, default=16, help="the app's --max_queue")
