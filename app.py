@@ -5,6 +5,7 @@ series (and a prior study to compare with), read the draft as it streams.
     python app.py --model runs/r1/merged             # a merged fine-tuned model (train.py's OUTPUT_DIR/merged)
     python app.py --model google/gemma-3-4b-pt --adapter runs/r1 --load_in_4bit
     python app.py --model runs/r1/merged --baseline google/gemma-3-4b-pt   # both answers side by side
+    python app.py --server_url http://gpu-box:8000/v1    # a model served by vLLM, SGLang or transformers serve
     RADIOLOGY_MODEL=your-org/your-model RADIOLOGY_CONCURRENCY=2 python app.py
 
 Every option has a RADIOLOGY_* environment variable (a flag wins over it); `python app.py --help` lists
@@ -38,7 +39,22 @@ import gradio as gr
 from PIL import Image
 
 from radiology.data import DEFAULT_INSTRUCTION
-from radiology.generate import GenerationSettings, LoadedModel, SideBySideTexts, paced, stream_side_by_side
+from radiology.generate import (
+    AnsweringModel,
+    GenerationSettings,
+    LoadedModel,
+    SideBySideTexts,
+    paced,
+    stream_side_by_side,
+)
+from radiology.remote import (
+    DEFAULT_API_KEY_ENV,
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_READ_TIMEOUT,
+    RemoteModel,
+    RemoteModelError,
+    ServerArguments,
+)
 from radiology.series import DEFAULT_MAX_IMAGES
 from radiology.serve import (
     MAX_CONTEXT_CHARS,
@@ -52,6 +68,7 @@ from radiology.serve import (
     ControlError,
     DemoModel,
     SeriesChoiceError,
+    ServerError,
     StopRegistry,
     UploadedStudy,
     UploadError,
@@ -96,6 +113,10 @@ BASELINE_NOTICE = (
     "{reason}, so this page shows the model's answer alone. Check --baseline (RADIOLOGY_BASELINE): a merged "
     "model folder or a hub id reachable from this machine."
 )
+SERVER_NOTICE = (
+    "The model server did not answer: {reason}. The page keeps serving and each Generate tries the server "
+    "again; this note goes once it answers."
+)
 # The decoding controls' ranges: the sliders show them and every request is checked against them.
 DECODING_MODES = ("greedy", "sampling")
 TEMPERATURE_RANGE = (0.05, 2.0)
@@ -136,6 +157,13 @@ class AppConfig:
     max_new_tokens: int = 1024
     upload_ttl: int = 900
     gpu_duration: int = 120
+    server_url: str | None = None
+    server_model: str | None = None
+    server_api_key_env: str = DEFAULT_API_KEY_ENV
+    server_connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    server_read_timeout: float = DEFAULT_READ_TIMEOUT
+    baseline_server_url: str | None = None
+    baseline_model: str | None = None
 
 
 def _parse_bool(value: str) -> bool:
@@ -164,6 +192,13 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _positive_seconds(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError(f"must be above 0 seconds, got {value}")
+    return number
+
+
 # (flag, environment variable, type, help). The flag's destination is the AppConfig field.
 _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--model", "RADIOLOGY_MODEL", str, "merged model folder or hub id (default: the embedded tiny demo model)"),
@@ -189,6 +224,20 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
      "the largest answer a request may ask for, in tokens (default 1024)"),
     ("--upload_ttl", "RADIOLOGY_UPLOAD_TTL", _positive_int, "seconds an upload stays on the server (default 900)"),
     ("--gpu_duration", "RADIOLOGY_GPU_DURATION", _positive_int, "ZeroGPU seconds reserved per request (default 120)"),
+    ("--server_url", "RADIOLOGY_SERVER_URL", str,
+     "API base of an OpenAI-compatible server (vLLM, SGLang, transformers serve), e.g. http://localhost:8000/v1: "
+     "generate there instead of loading a model"),
+    ("--server_model", "RADIOLOGY_SERVER_MODEL", str, "the served model's name (default: the first the server lists)"),
+    ("--server_api_key_env", "RADIOLOGY_SERVER_API_KEY_ENV", str,
+     f"environment variable holding the servers' API key (default {DEFAULT_API_KEY_ENV}; unset: no key)"),
+    ("--server_connect_timeout", "RADIOLOGY_SERVER_CONNECT_TIMEOUT", _positive_seconds,
+     f"seconds to wait for a connection to a server (default {DEFAULT_CONNECT_TIMEOUT:g})"),
+    ("--server_read_timeout", "RADIOLOGY_SERVER_READ_TIMEOUT", _positive_seconds,
+     f"seconds to wait for each piece of a served answer (default {DEFAULT_READ_TIMEOUT:g})"),
+    ("--baseline_server_url", "RADIOLOGY_BASELINE_SERVER_URL", str,
+     "a server whose model answers beside the model's (default with --baseline_model: --server_url)"),
+    ("--baseline_model", "RADIOLOGY_BASELINE_MODEL", str,
+     "the served baseline's name (default: the first --baseline_server_url lists)"),
 ]
 
 
@@ -211,7 +260,31 @@ def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] | None 
                                 help=f"{help_text} [{variable}]")
         else:
             parser.add_argument(flag, type=kind, default=default, help=f"{help_text} [{variable}]")
-    return AppConfig(**vars(parser.parse_args(argv)))
+    config = AppConfig(**vars(parser.parse_args(argv)))
+    try:
+        remote_models(config)
+    except ValueError as err:
+        parser.error(str(err))
+    return config
+
+
+def remote_models(config: AppConfig) -> tuple[RemoteModel | None, RemoteModel | None]:
+    """The served model and the served baseline that ``config`` names (None: loaded here, or none).
+    ValueError names the flags that do not fit together. Nothing is sent to a server here."""
+    if config.server_url and (config.model or config.adapter):
+        raise ValueError("--server_url serves the model from a server: leave out --model and --adapter "
+                         "(RADIOLOGY_MODEL, RADIOLOGY_ADAPTER), or leave out --server_url to load the model here")
+    baseline_url = config.baseline_server_url or (config.server_url if config.baseline_model else None)
+    if config.baseline and baseline_url:
+        raise ValueError("give the baseline once: --baseline (loaded here) or --baseline_server_url/--baseline_model "
+                         "(served)")
+    if config.baseline_model and not baseline_url:
+        raise ValueError("--baseline_model names a model on a server: give --baseline_server_url (or --server_url)")
+    server = ServerArguments(config.server_url, config.server_model, config.server_api_key_env,
+                             config.server_connect_timeout, config.server_read_timeout)  # checks the URL
+    if baseline_url is None:
+        return server.remote(), None
+    return server.remote(), server.remote(baseline_url, config.baseline_model, flag="--baseline_server_url")
 
 
 # --------------------------------------------------------------------------- generation
@@ -331,12 +404,16 @@ def _status_lines(abouts: Sequence[str], item: SideBySideTexts) -> list[str]:
 
 
 def make_generate(
-    models: Sequence[LoadedModel], stops: StopRegistry, config: AppConfig
+    models: Sequence[AnsweringModel], stops: StopRegistry, config: AppConfig,
+    on_server: Callable[[str | None], None] | None = None,
 ) -> Callable[..., Iterator[tuple[str, ...]]]:
     """The Generate button's handler. It streams the models' answers (the served one, then a
-    baseline) through ``stream_side_by_side``: (text so far, the line under it) for each model, all
-    pairs in every update. It gets the controls' values unprocessed and checks each of them."""
+    baseline; each loaded here or served elsewhere) through ``stream_side_by_side``: (text so far,
+    the line under it) for each model, all pairs in every update. It gets the controls' values
+    unprocessed and checks each of them. ``on_server`` hears, after each request that reached a
+    model server, why the server failed (None: it answered)."""
     models = list(models)
+    served_elsewhere = not any(isinstance(m, LoadedModel) for m in models)
 
     # Only picklable arguments (a key, not the event): on ZeroGPU this runs in a worker process.
     def stream_on_gpu(
@@ -346,7 +423,8 @@ def make_generate(
         yield from stream_side_by_side(models, images, instruction, settings, context, stop=stops.event(key),
                                        prior=prior)
 
-    stream_on_gpu = _gpu_function(stream_on_gpu, config.gpu_duration)
+    if not served_elsewhere:  # a served model needs no GPU of this machine
+        stream_on_gpu = _gpu_function(stream_on_gpu, config.gpu_duration)
 
     def generate(
         upload: object,
@@ -384,6 +462,14 @@ def make_generate(
                                            settings)) as items:
                     for item in paced(items, UPDATE_INTERVAL_S):
                         yield tuple(x for pair in zip(item, _status_lines(abouts, item)) for x in pair)
+                if on_server is not None and any(isinstance(m, RemoteModel) for m in models):
+                    on_server(None)  # the server answered: a problem seen before is gone
+            except RemoteModelError as err:
+                # The message names the server and what to do; it holds no request text or image data.
+                logger.warning("a model server failed: %s", err)
+                if on_server is not None:
+                    on_server(str(err))
+                raise gr.Error(f"The model server could not answer: {err}", print_exception=False) from None
             except Exception as err:
                 if is_out_of_memory(err):
                     free_accelerator_memory()
@@ -454,6 +540,7 @@ class StudyView:
     choices: list[tuple[int, str]] | None = None
     problem: str | None = None  # the message for a study that cannot be shown
     fell_back: bool = False  # the view asked for did not fit: the default one is shown
+    moved: bool = True  # the item shown is not the one the slider asked for (none asked, or beyond the study)
 
 
 def _view_study(
@@ -477,17 +564,19 @@ def _view_study(
             warning(str(again))
             return StudyView(None, problem=str(again))
         warning(f"{problem} Showing the default view instead.")
-        return StudyView(study, _shown_index(study, shown), fell_back=True)
+        return _shown_item(study, shown, fell_back=True)
     except UploadError as err:
         warning(str(err))
         return StudyView(None, problem=str(err))
-    return StudyView(study, _shown_index(study, shown))
+    return _shown_item(study, shown)
 
 
-def _shown_index(study: UploadedStudy, shown: object) -> int:
-    """The 0-based item to show: the slider's (1-based) number within the study, else the middle one."""
+def _shown_item(study: UploadedStudy, shown: object, fell_back: bool = False) -> StudyView:
+    """The view of ``study`` at the slider's (1-based) number ``shown``: that item when the study has
+    it, else the last one; the middle one when ``shown`` is empty."""
     number = read_number(shown, "Slice", 1, whole=True, empty="the middle one")
-    return study.total // 2 if number is None else min(int(number), study.total) - 1
+    index = study.total // 2 if number is None else min(int(number), study.total) - 1
+    return StudyView(study, index, fell_back=fell_back, moved=number is None or index != number - 1)
 
 
 def _view_outputs(view: StudyView) -> tuple[Any, ...]:
@@ -516,8 +605,11 @@ def _study_outputs(view: StudyView, keep_series: bool) -> tuple[Any, ...]:
     study = view.study
     if study is not None and study.total > 1:
         number = view.shown + 1
-        slider = gr.Slider(minimum=1, maximum=study.total, value=number, step=1, label=_slice_label(study, number),
-                           visible=True)
+        # The slider keeps its place unless it must move: a person may have stepped it further since
+        # this view was asked for, and that step's own view follows this one.
+        position = {"value": number} if view.moved else {}
+        slider = gr.Slider(minimum=1, maximum=study.total, step=1, label=_slice_label(study, number), visible=True,
+                           **position)
     else:
         slider = gr.Slider(minimum=1, maximum=2, value=1, visible=False)
     if view.choices:
@@ -549,33 +641,53 @@ def preview_upload(upload: object, window: object = AUTO_WINDOW) -> tuple[Any, .
     return _view_outputs(_view_study(upload, window, None, None, None, None, None, None, render=False))
 
 
+StudyKey = tuple[tuple[str, ...], str | None, int | None, str | None, StudyControls]
+
+
+def study_key(
+    upload: object, window: object, frame: object, prior: object, series: object, max_images: object,
+    first_slice: object, last_slice: object,
+) -> StudyKey:
+    """What the study controls ask for, checked (ControlError) and in one form (an empty number box
+    and no value alike): two requests with equal keys describe the same study."""
+    window_name, frame_number = read_view(window, frame)
+    return (tuple(study_paths(upload)), window_name, frame_number, upload_path(prior, "prior study"),
+            read_study_controls(series, max_images, first_slice, last_slice))
+
+
 def show_new_study(upload: object, window: object, max_images: object, prior: object) -> tuple[Any, ...]:
     """After a new upload: the slider at the middle slice, the images sent, the series to choose
-    from; the series choice and the slice range of the previous upload are cleared."""
+    from; the series choice and the slice range of the previous upload are cleared. The last value
+    is the study now on the page (``show_view``'s state)."""
     view = _view_study(upload, window, None, prior, None, max_images, None, None, warn=False)  # /preview warned
-    return (*_study_outputs(view, keep_series=False)[1:], None, None)
+    on_page = study_key(upload, window, None, prior, None, max_images, None, None) if _settled(view) else None
+    return (*_study_outputs(view, keep_series=False)[1:], None, None, on_page)
 
 
-def show_study(
+def _settled(view: StudyView) -> bool:
+    # A study shown as asked: a fallback or a problem leaves controls that describe another view.
+    return view.study is not None and not view.fell_back
+
+
+def show_view(
     upload: object, window: object, frame: object, prior: object, series: object, max_images: object,
-    first_slice: object, last_slice: object, shown: object,
+    first_slice: object, last_slice: object, shown: object, on_page: StudyKey | None,
 ) -> tuple[Any, ...]:
-    """The study again after a control changed (window, series, max images, slice range, prior)."""
-    view = _view_study(upload, window, frame, prior, series, max_images, first_slice, last_slice, shown)
-    return _study_outputs(view, keep_series=True)
-
-
-def show_slice(
-    upload: object, window: object, frame: object, prior: object, series: object, max_images: object,
-    first_slice: object, last_slice: object, shown: object,
-) -> tuple[Any, ...]:
-    """The slice the slider points at, as the model would get it, and whether it is sent."""
-    view = _view_study(upload, window, frame, None, series, max_images, first_slice, last_slice, shown,
-                       render=False)
+    """The input panel after a study control (window, series, max images, slice range, prior) or the
+    slice slider changed: ``_study_outputs``' values, then the study now on the page (this event's
+    state). When the controls still describe ``on_page``, only the slice the slider points at is
+    rendered (stepping through a series stays quick); otherwise the whole study is."""
+    key = study_key(upload, window, frame, prior, series, max_images, first_slice, last_slice)
+    if key != on_page:
+        view = _view_study(upload, window, frame, prior, series, max_images, first_slice, last_slice, shown)
+        return (*_study_outputs(view, keep_series=True), key if _settled(view) else None)
+    view = _view_study(upload, window, frame, None, series, max_images, first_slice, last_slice, shown, render=False)
     if view.study is None:
-        return gr.skip(), gr.skip()
-    image = view.study.item(view.shown).image
-    return image, gr.Slider(label=_slice_label(view.study, view.shown + 1))
+        return (gr.skip(),) * 9
+    number = view.shown + 1
+    slider = gr.Slider(label=_slice_label(view.study, number), **({"value": number} if view.moved else {}))
+    # The preview and the slider; the rest of the panel already shows this study.
+    return (view.study.item(view.shown).image, *(gr.skip(),) * 4, slider, gr.skip(), gr.skip(), gr.skip())
 
 
 # --------------------------------------------------------------------------- UI
@@ -585,7 +697,18 @@ def _banner(text: str, elem_id: str, background: str, border: str) -> gr.HTML:
     return gr.HTML(_banner_html(text, background, border), elem_id=elem_id)
 
 
-def _banners(served: DemoModel) -> None:
+def server_notice(served: DemoModel) -> Any:
+    """The server banner's update: why a model server failed its last check or request, hidden while
+    the servers answer."""
+    problem = served.server_problem
+    if not problem:
+        return gr.HTML("", visible=False)
+    return gr.HTML(_banner_html(SERVER_NOTICE.format(reason=problem.rstrip(".")), "#ffe1e1", "#c62828", role="alert"),
+                   visible=True)
+
+
+def _banners(served: DemoModel) -> gr.HTML | None:
+    """The banners above the page; returns the server banner (None where no model is served elsewhere)."""
     _banner(DISCLAIMER, "disclaimer", "#fff4d6", "#d89b00")
     if served.placeholder:
         reason = (served.reason or "no model is configured").rstrip(".")
@@ -595,6 +718,10 @@ def _banners(served: DemoModel) -> None:
         reason = served.baseline_reason.rstrip(".")
         _banner(BASELINE_NOTICE.format(reason=reason[:1].upper() + reason[1:]), "baseline-notice",
                 "#ffe1e1", "#c62828")
+    if not served.remotes:
+        return None
+    notice = server_notice(served)
+    return gr.HTML(notice.value, visible=notice.visible, elem_id="server-notice")
 
 
 def load_examples(folder: Path = ASSETS) -> list[dict[str, str]]:
@@ -627,11 +754,11 @@ class InputPanel:
         return [self.preview, self.burned_in, self.window, self.frame, self.dicom_summary]
 
     def study_outputs(self) -> list[gr.components.Component]:
-        """In the order of ``show_study``'s values."""
+        """In the order of ``show_view``'s values (before its state)."""
         return [*self.preview_outputs(), self.slice, self.sent, self.series]
 
     def study_inputs(self) -> list[gr.components.Component]:
-        """In the order of ``show_study``'s (and ``show_slice``'s) parameters."""
+        """In the order of ``show_view``'s parameters (before its state)."""
         return [self.upload, self.window, self.frame, self.prior, self.series, self.max_images, self.first_slice,
                 self.last_slice, self.slice]
 
@@ -780,7 +907,7 @@ def build_demo(served: DemoModel, config: AppConfig | None = None, stops: StopRe
     # Uploads (and previews made from them) are deleted from Gradio's cache once upload_ttl old.
     delete_cache = (min(60, config.upload_ttl), config.upload_ttl)
     with DemoBlocks(title=TITLE, analytics_enabled=False, delete_cache=delete_cache) as demo:
-        _banners(served)
+        server_banner = _banners(served)
         gr.Markdown(f"# {TITLE}\nUpload an image (PNG, JPEG, WebP, BMP, TIFF, GIF or DICOM), several of one study "
                     "(two views, a DICOM series' files or its .zip) or pick an example; add a prior study and the "
                     "clinical history if you like, and press **Generate**.")
@@ -817,23 +944,27 @@ def build_demo(served: DemoModel, config: AppConfig | None = None, stops: StopRe
         previews = dict(preprocess=False, concurrency_id="preview", concurrency_limit=PREVIEW_CONCURRENCY)
         uploaded = panel.upload.change(_refusing("preview", preview_upload), [panel.upload, panel.window],
                                        panel.preview_outputs(), api_name="preview", **previews)
+        on_page = gr.State(None)  # the study the panel shows (study_key), so a slider step renders one slice
         uploaded.then(_refusing("preview", show_new_study),
                       [panel.upload, panel.window, panel.max_images, panel.prior],
-                      panel.study_outputs()[1:] + [panel.first_slice, panel.last_slice], api_visibility="private",
-                      **previews)
-        # A person changing the view (select: a dropdown choice fires input twice).
-        for event in (panel.window.select, panel.series.select, panel.max_images.release, panel.first_slice.input,
-                      panel.last_slice.input, panel.prior.change):
-            event(_refusing("preview", show_study), panel.study_inputs(), panel.study_outputs(),
-                  api_visibility="private", trigger_mode="always_last", **previews)
-        panel.slice.input(_refusing("preview", show_slice), panel.study_inputs(), [panel.preview, panel.slice],
-                          api_visibility="private", trigger_mode="always_last", **previews)
+                      panel.study_outputs()[1:] + [panel.first_slice, panel.last_slice, on_page],
+                      api_visibility="private", **previews)
+        # A person changing the view (select: a dropdown choice fires input twice) or stepping the slider.
+        # One event for all of them, so that the page runs them one at a time: a trigger while one runs
+        # runs once more after it, with the values then on the page (always_last). As separate events
+        # they ran side by side, and a whole study's view (Max images' box fires on losing focus) could
+        # land after a slider step's and put back the slice before it.
+        gr.on([panel.window.select, panel.series.select, panel.max_images.release, panel.first_slice.input,
+               panel.last_slice.input, panel.prior.change, panel.slice.input],
+              _refusing("preview", show_view), [*panel.study_inputs(), on_page], [*panel.study_outputs(), on_page],
+              api_visibility="private", trigger_mode="always_last", show_progress_on=panel.preview, **previews)
         generate_inputs = [panel.upload, instruction, *decoding.inputs(), context, panel.window, panel.frame,
                            *panel.generate_inputs()]
         # Values the API took before studies: the rest may be left out of a request (their defaults).
         demo.required_values["generate"] = generate_inputs.index(panel.frame) + 1
         run = generate_button.click(
-            make_generate(served.models, stops, config),
+            make_generate(served.models, stops, config,
+                          on_server=lambda problem: setattr(served, "server_problem", problem)),
             generate_inputs,
             answers,
             api_name="generate",
@@ -842,12 +973,15 @@ def build_demo(served: DemoModel, config: AppConfig | None = None, stops: StopRe
             concurrency_id="gpu",
             concurrency_limit=concurrency,
         )
-        # The GPU's memory in use: read again on each page load and after each answer.
-        def refresh_panel() -> str:
-            return model_panel(served)
+        # The GPU's memory in use (and whether the model server answers): read again on each page load
+        # and after each answer.
+        refreshed = [panel_text] if server_banner is None else [panel_text, server_banner]
 
-        demo.load(refresh_panel, None, panel_text, api_visibility="private", concurrency_limit=None)
-        run.then(refresh_panel, None, panel_text, api_visibility="private", concurrency_limit=None)
+        def refresh_panel() -> Any:
+            return model_panel(served) if server_banner is None else (model_panel(served), server_notice(served))
+
+        demo.load(refresh_panel, None, refreshed, api_visibility="private", concurrency_limit=None)
+        run.then(refresh_panel, None, refreshed, api_visibility="private", concurrency_limit=None)
 
         def stop(request: gr.Request) -> None:
             stops.stop(request.session_hash)
@@ -880,10 +1014,12 @@ def main(argv: list[str] | None = None) -> int:
     # httpx logs every request URL at INFO, file URLs included: kept to warnings.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     config = parse_args(argv)
+    remote, baseline_remote = remote_models(config)
     try:
         served = load_for_demo(config.model, config.adapter, config.load_in_4bit, config.device,
-                               config.cache_dir, config.require_model, baseline=config.baseline)
-    except BaselineError as err:  # only reached with --require_model
+                               config.cache_dir, config.require_model, baseline=config.baseline,
+                               remote=remote, baseline_remote=baseline_remote)
+    except (BaselineError, ServerError) as err:  # only reached with --require_model
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # only reached with --require_model
@@ -891,6 +1027,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if served.placeholder:
         logger.warning("serving the tiny demo model (%s): its output is meaningless", served.reason)
+    if served.server_problem:
+        logger.warning("serving with the model server's problem on the page; each request tries it again")
     for role, loaded in zip(("model", "baseline"), served.models):
         logger.info("%s: %s, %s on %s", role, loaded.name, loaded.precision, loaded.device)
         seconds = warm_up_on_gpu(loaded)  # CUDA only: the first user would otherwise wait for graph capture

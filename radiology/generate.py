@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
@@ -57,6 +57,7 @@ from radiology.tokens import never_generated, special_ids, stop_ids
 __all__ = [
     "GenerationSettings",
     "ImageInput",
+    "AnsweringModel",
     "LoadedModel",
     "SideBySideTexts",
     "StopSignal",
@@ -170,6 +171,18 @@ class LoadedModel:
     @property
     def closed(self) -> bool:
         return self.model is None
+
+    def stream_answer(
+        self,
+        images: StudyImages,
+        instruction: str | None = None,
+        settings: GenerationSettings | None = None,
+        context: str | None = None,
+        stop: threading.Event | None = None,
+        prior: ImageInput | None = None,
+    ) -> Iterator[str]:
+        """``stream_text`` on this model (the method ``AnsweringModel`` names)."""
+        return stream_text(self, images, instruction, settings, context, stop, prior)
 
     def __enter__(self) -> LoadedModel:
         return self
@@ -494,6 +507,31 @@ def stream_text(
         raise errors[0]
 
 
+class AnsweringModel(Protocol):
+    """What ``stream_side_by_side`` (and the demo) use of a model: a description, and the answer
+    streamed as it grows, ending at ``stop``. A ``LoadedModel`` here, or a served model
+    (``radiology.remote.RemoteModel``): either can stand beside the other."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def precision(self) -> str: ...
+
+    @property
+    def device(self) -> str: ...
+
+    def stream_answer(
+        self,
+        images: StudyImages,
+        instruction: str | None = None,
+        settings: GenerationSettings | None = None,
+        context: str | None = None,
+        stop: threading.Event | None = None,
+        prior: ImageInput | None = None,
+    ) -> Iterator[str]: ...
+
+
 class SideBySideTexts(list):
     """One item of ``stream_side_by_side``: every model's text so far (a list of str, "" for those
     not started), with each model's ``states`` ("waiting", "generating", "done", "stopped" or
@@ -525,7 +563,7 @@ def paced(items: Iterable[SideBySideTexts], interval_s: float) -> Iterator[SideB
 
 
 def stream_side_by_side(
-    models: Sequence[LoadedModel],
+    models: Sequence[AnsweringModel],
     image: StudyImages,
     instruction: str | None = None,
     settings: GenerationSettings | None = None,
@@ -533,7 +571,8 @@ def stream_side_by_side(
     stop: threading.Event | None = None,
     prior: ImageInput | None = None,
 ) -> Iterator[SideBySideTexts]:
-    """Streams several models' answers to one image with the same prompt and settings.
+    """Streams several models' answers to one image with the same prompt and settings. A model is
+    loaded here (``LoadedModel``) or served elsewhere (``radiology.remote.RemoteModel``), in any mix.
 
     The models run one after the other (two at once would share one GPU's time and memory). An
     item comes when a model starts, with each piece of its answer, and when it ends. Setting
@@ -559,7 +598,7 @@ def stream_side_by_side(
         # stream_text sets its event when it finishes, so each model gets its own; ours is relayed.
         own = threading.Event()
         # closing(): a caller that stops listening ends the running generation, not only this loop.
-        with closing(stream_text(loaded, image, instruction, settings, context, own, prior)) as stream:
+        with closing(loaded.stream_answer(image, instruction, settings, context, own, prior)) as stream:
             for text in stream:
                 texts[i], seconds[i] = text, time.perf_counter() - started
                 yield item()

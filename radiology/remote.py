@@ -300,7 +300,9 @@ class RemoteModel:
         self.model = model
         if connect_timeout <= 0 or read_timeout <= 0:
             raise ValueError("timeouts must be above 0 seconds; fix --server_connect_timeout/--server_read_timeout")
-        self._client = _client(self.url, os.environ.get(api_key_env), connect_timeout, read_timeout)
+        self._api_key = os.environ.get(api_key_env)
+        self._timeouts = (connect_timeout, read_timeout)
+        self._client = _client(self.url, self._api_key, connect_timeout, read_timeout)
         self._lock = threading.Lock()
         # transformers serve refuses a top-level top_k (422) and takes it inside its generation_config
         # field instead; learnt from the first refusal and kept.
@@ -326,6 +328,21 @@ class RemoteModel:
                 self.model = served[0]
             return self.model
 
+    def check(self) -> str | None:
+        """Why this served model cannot answer now (``check_server``: unreachable, a refused key, no
+        such model, no vision), or None; on success the model's name is settled."""
+        problem = check_server(self.url, self.model, self._api_key, *self._timeouts)
+        if problem is None:
+            try:
+                self.resolve_model()
+            except RemoteModelError as err:
+                return str(err)
+        return problem
+
+    def close(self) -> None:
+        """Close the HTTP connections (the demo calls it when it stops, as it frees a loaded model)."""
+        self._client.close()
+
     # ---- the request
 
     def _decoding(self, settings: GenerationSettings) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -347,7 +364,8 @@ class RemoteModel:
 
     def _open(self, messages: list[dict[str, Any]], settings: GenerationSettings, secrets: Sequence[str]) -> Any:
         model = self.resolve_model()
-        for attempt in range(2):
+        top_k_retried = reconnected = False
+        while True:
             fields, extra = self._decoding(settings)
             try:
                 return self._client.chat.completions.create(
@@ -355,14 +373,18 @@ class RemoteModel:
                 )
             except openai.APIStatusError as err:
                 reason = _server_reason(err, secrets)
-                if (attempt == 0 and err.status_code == 422 and "top_k" in reason
+                if (not top_k_retried and err.status_code == 422 and "top_k" in reason
                         and not self._top_k_in_generation_config):
-                    self._top_k_in_generation_config = True
+                    self._top_k_in_generation_config = top_k_retried = True
                     continue
                 raise RemoteModelError(self._refusal(err, reason, model)) from None
             except openai.APIConnectionError as err:
+                # A kept-alive connection the server closed as this request went out: nothing was
+                # answered, so sending it again on a fresh connection is safe (once).
+                if not reconnected and isinstance(err.__cause__ or err.__context__, httpx2.RemoteProtocolError):
+                    reconnected = True
+                    continue
                 raise RemoteModelError(_connection_problem(err, self.url)) from None
-        raise AssertionError("unreachable")
 
     def _refusal(self, err: openai.APIStatusError, reason: str, model: str) -> str:
         """A user-facing message for a request the server answered with an error status."""
@@ -456,6 +478,22 @@ class RemoteModel:
             f"the server at {self.url} {what} after {len(text.strip())} characters of the answer; the text so "
             "far is kept; try again"
         )
+
+    def stream_answer(
+        self,
+        images: Image.Image | Sequence[Image.Image],
+        instruction: str | None = None,
+        settings: GenerationSettings | None = None,
+        context: str | None = None,
+        stop: threading.Event | None = None,
+        prior: Image.Image | None = None,
+    ) -> Iterator[str]:
+        """``stream`` in the shape of a loaded model's (``radiology.generate.AnsweringModel``): the
+        prior study, when there is one, is its own image, which the prompt places first."""
+        pictures = _as_image_list(images)
+        if prior is not None:
+            pictures = [*_as_image_list(prior), *pictures]
+        return self.stream(pictures, instruction, settings, context, stop, prior=prior is not None)
 
     def generate(
         self,
@@ -619,14 +657,7 @@ class ServerArguments:
 
     def check(self, remote: RemoteModel) -> str | None:
         """Why ``remote`` cannot answer (``check_server``), or None; on success its model name is settled."""
-        problem = check_server(remote.url, remote.model, os.environ.get(self.server_api_key_env),
-                               self.server_connect_timeout, self.server_read_timeout)
-        if problem is None:
-            try:
-                remote.resolve_model()
-            except RemoteModelError as err:
-                return str(err)
-        return problem
+        return remote.check()
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:

@@ -59,7 +59,7 @@ from radiology.dicom import (
     has_dicom_preamble,
     read_dicom_image,
 )
-from radiology.generate import LoadedModel, describe_study, load_for_generation, warm_up
+from radiology.generate import AnsweringModel, LoadedModel, describe_study, load_for_generation, warm_up
 from radiology.images import ImageDecodeError
 from radiology.series import (
     ALL_WINDOWS,
@@ -75,6 +75,7 @@ from radiology.series import (
     sample_indices,
 )
 from radiology.memory import MemoryStatus, format_bytes, model_footprint, read_gpu_memory
+from radiology.remote import RemoteModel
 
 __all__ = [
     "AUTO_WINDOW",
@@ -90,10 +91,12 @@ __all__ = [
     "STUDY_SUFFIXES",
     "MAX_STUDY_IMAGES",
     "STUDY_PIXELS",
+    "SERVER_CONCURRENCY",
     "BaselineError",
     "ControlError",
     "DemoModel",
     "SeriesChoiceError",
+    "ServerError",
     "StopRegistry",
     "UploadError",
     "UploadOptionError",
@@ -805,27 +808,38 @@ class BaselineError(RuntimeError):
     """The configured baseline could not be loaded (raised only where the model is required)."""
 
 
+class ServerError(RuntimeError):
+    """A configured model server failed its start-up check (raised only where the model is required)."""
+
+
 @dataclass
 class DemoModel:
     """The model the demo serves. ``placeholder`` is set when it is the embedded tiny model, and
     ``reason`` then says why (none configured, or the configured one failed to load). ``baseline``
     is a second model whose answer is shown beside it; ``baseline_reason`` says why a configured
-    baseline is missing."""
+    baseline is missing. Either may be served elsewhere (``RemoteModel``); ``server_problem`` then
+    holds why a server failed its last check or request (None: it answered), shown on the page."""
 
-    loaded: LoadedModel
+    loaded: AnsweringModel
     placeholder: bool
     reason: str | None = None
-    baseline: LoadedModel | None = None
+    baseline: AnsweringModel | None = None
     baseline_reason: str | None = None
+    server_problem: str | None = None
 
     @property
-    def models(self) -> list[LoadedModel]:
+    def models(self) -> list[AnsweringModel]:
         """The models that answer each request, in the order they run: the served one, then the baseline."""
         return [self.loaded] if self.baseline is None else [self.loaded, self.baseline]
 
+    @property
+    def remotes(self) -> list[RemoteModel]:
+        """The models that a server answers for."""
+        return [m for m in self.models if isinstance(m, RemoteModel)]
+
     def close(self) -> None:
-        """Free the model and the baseline (their decode engines' threads end); the app calls it when
-        the server stops."""
+        """Free the models (their decode engines' threads end; a served one's connections close); the
+        app calls it when the server stops."""
         for loaded in self.models:
             loaded.close()
 
@@ -838,6 +852,8 @@ def load_for_demo(
     cache_dir: str | Path | None = None,
     require_model: bool = False,
     baseline: str | None = None,
+    remote: RemoteModel | None = None,
+    baseline_remote: RemoteModel | None = None,
 ) -> DemoModel:
     """The configured model; without one, or when it cannot be loaded (not found, no network to
     the hub, gated), the embedded tiny model, unless ``require_model`` asks to fail instead.
@@ -845,9 +861,19 @@ def load_for_demo(
     ``baseline`` (a folder or hub id) is loaded the same way (precision, device) to answer beside
     it; when it cannot be loaded the demo serves the model alone and says why, unless
     ``require_model`` asks to fail.
+
+    ``remote`` (``baseline_remote``) is a served model that answers instead of a loaded one: nothing
+    is loaded for it. Each server is checked now (``RemoteModel.check``); a failed check is kept in
+    ``server_problem`` for the page (each request tries the server again), or raises ServerError
+    with ``require_model``.
     """
-    served = _load_served(model, adapter, load_in_4bit, device, cache_dir, require_model)
-    if baseline:
+    if remote is not None:
+        served = DemoModel(remote, placeholder=False)
+    else:
+        served = _load_served(model, adapter, load_in_4bit, device, cache_dir, require_model)
+    if baseline_remote is not None:
+        served.baseline = baseline_remote
+    elif baseline:
         try:
             served.baseline = load_for_generation(baseline, load_in_4bit=load_in_4bit, device=device)
         except Exception as err:  # same choice as for the model: go on without it, or stop
@@ -856,6 +882,12 @@ def load_for_demo(
                 raise BaselineError(reason) from err
             served.baseline_reason = reason
             logger.warning("%s; serving the model alone", reason)
+    problems = [problem for problem in (m.check() for m in served.remotes) if problem]
+    if problems:
+        if require_model:
+            raise ServerError("; ".join(problems))
+        served.server_problem = "; ".join(problems)
+        logger.warning("model server check failed: %s; each request tries again", served.server_problem)
     return served
 
 
@@ -887,12 +919,20 @@ def _first_line(err: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def describe_model(loaded: LoadedModel, role: str = "Model") -> str:
-    """One line of Markdown: the model in use, its precision and the device it runs on."""
+def describe_model(loaded: AnsweringModel, role: str = "Model") -> str:
+    """One line of Markdown: the model in use, its precision and the device it runs on (for a
+    served model: the server and the model's name there)."""
+    if isinstance(loaded, RemoteModel):
+        return f"**{role}:** {_markdown_literal(loaded.device)}"
     device = loaded.device
     if device.startswith("cuda") and torch.cuda.is_available():
         device = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
     return f"**{role}:** `{loaded.name}` · **precision:** {loaded.precision} · **device:** {device}"
+
+
+def _markdown_literal(text: str) -> str:
+    # A server's URL and model name, shown as written (no Markdown emphasis from their underscores).
+    return "".join(f"\\{c}" if c in "\\`*_[]|~<>" else c for c in text)
 
 
 def _cuda_index(device: str) -> int | None:
@@ -900,10 +940,14 @@ def _cuda_index(device: str) -> int | None:
     return torch.device(device).index
 
 
-def describe_memory(models: Sequence[LoadedModel]) -> str:
+def describe_memory(models: Sequence[AnsweringModel]) -> str:
     """The GPU the models run on with its memory in use (or that there is none), and each model's
-    footprint. Readings only: without CUDA no GPU number is shown."""
-    first = models[0]
+    footprint. Readings only: without CUDA no GPU number is shown. A served model's memory is the
+    server's, not read here."""
+    local = [m for m in models if isinstance(m, LoadedModel)]
+    if not local:
+        return "GPU: the model server's (not read here)"
+    first = local[0]
     if first.device.startswith("cuda") and torch.cuda.is_available():
         gpu = MemoryStatus(gpu=read_gpu_memory(_cuda_index(first.device)), model_footprint=None).describe()
     elif torch.cuda.is_available():
@@ -911,7 +955,8 @@ def describe_memory(models: Sequence[LoadedModel]) -> str:
     else:
         gpu = MemoryStatus(gpu=None, model_footprint=None).describe()
     roles = ["model footprint", "baseline footprint"]
-    sizes = [f"{role}: {format_bytes(model_footprint(m.model))}" for role, m in zip(roles, models)]
+    sizes = [f"{role}: {format_bytes(model_footprint(m.model))}" if isinstance(m, LoadedModel)
+             else f"{role}: on the server" for role, m in zip(roles, models)]
     return " · ".join([gpu, *sizes])
 
 
@@ -928,20 +973,27 @@ def model_panel(served: DemoModel) -> str:
 # --------------------------------------------------------------------------- serving on a GPU
 
 
-def default_concurrency(loaded: LoadedModel) -> int:
+# Requests the demo sends a model server at once when --concurrency is not given: the server
+# batches what arrives together (vLLM and SGLang by default), so waiting here would only add queueing.
+SERVER_CONCURRENCY = 8
+
+
+def default_concurrency(loaded: AnsweringModel) -> int:
     """Generations at once when none is configured: on a GPU the decode engine's batch (requests
     that arrive together are decoded in one batch, at about the cost of one); on the CPU one, since
-    one generation already keeps every core busy."""
+    one generation already keeps every core busy; for a served model SERVER_CONCURRENCY."""
+    if isinstance(loaded, RemoteModel):
+        return SERVER_CONCURRENCY
     if loaded.engine is not None and loaded.device.startswith("cuda"):
         return int(loaded.engine.max_batch)
     return 1
 
 
-def warm_up_on_gpu(loaded: LoadedModel) -> float | None:
+def warm_up_on_gpu(loaded: AnsweringModel) -> float | None:
     """Run the first generations now on CUDA (the engine captures its CUDA graphs for every batch
     size), so the first user does not wait for them; returns the seconds spent. None on the CPU,
-    where there is nothing to capture."""
-    if not loaded.device.startswith("cuda") or not torch.cuda.is_available():
+    where there is nothing to capture, and for a served model."""
+    if not isinstance(loaded, LoadedModel) or not loaded.device.startswith("cuda") or not torch.cuda.is_available():
         return None
     return warm_up(loaded)
 

@@ -101,12 +101,15 @@ class RunningApp:
 
 def start_app(cache_dir: Path, baseline: Path | None = None, **options) -> RunningApp:
     """Build and launch the demo on the tiny model, as `python app.py` does without a model (with
-    ``baseline``: as `python app.py --baseline FOLDER`)."""
+    ``baseline``: as `python app.py --baseline FOLDER`; with ``server_url=...`` in ``options``: on a
+    served model, as `python app.py --server_url URL`)."""
     import app
     from radiology.serve import StopRegistry, load_for_demo
 
-    served = load_for_demo(None, cache_dir=cache_dir, baseline=str(baseline) if baseline else None)
     config = app.AppConfig(host="127.0.0.1", port=free_port(), **options)
+    remote, baseline_remote = app.remote_models(config)
+    served = load_for_demo(None, cache_dir=cache_dir, baseline=str(baseline) if baseline else None, remote=remote,
+                           baseline_remote=baseline_remote)
     stops = StopRegistry()
     demo = app.build_demo(served, config, stops=stops)
     app.launch(demo, config, prevent_thread_lock=True, quiet=True)

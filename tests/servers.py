@@ -68,13 +68,18 @@ class Server:
 
 class Proxy:
     """A TCP relay in front of a server that keeps every byte the client sent, each connection's
-    bytes apart (so that requests sent side by side are not interleaved in ``sent``)."""
+    bytes apart (so that requests sent side by side are not interleaved in ``sent``). ``port``: the
+    port to listen on (0: a free one); ``cut()`` drops the open connections, as a server that dies;
+    the first ``drop_first`` connections are closed once a request arrives on them, unanswered, as a
+    server closes a kept-alive connection that a client is reusing."""
 
-    def __init__(self, upstream_port: int):
+    def __init__(self, upstream_port: int, port: int = 0, drop_first: int = 0):
         self.upstream_port = upstream_port
+        self._drops_left = drop_first
         self._connections: list[bytearray] = []
+        self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = socket.create_server(("127.0.0.1", port))
         self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/v1"
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -104,10 +109,16 @@ class Proxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            if self._drops_left > 0:
+                self._drops_left -= 1
+                client.recv(65536)
+                client.close()
+                continue
             upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
             record = bytearray()
             with self._lock:
                 self._connections.append(record)
+                self._sockets += [client, upstream]
             threading.Thread(target=self._pump, args=(client, upstream, record), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, None), daemon=True).start()
 
@@ -126,6 +137,16 @@ class Proxy:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+    def cut(self) -> None:
+        """Drop every open connection at once (new ones are still relayed)."""
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for s in sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def close(self) -> None:
         self._listener.close()

@@ -91,7 +91,7 @@ def test_a_baseline_that_cannot_be_loaded_is_named_on_the_page(tmp_path, capsys)
     missing = str(tmp_path / "no-such-baseline")
     served = load_for_demo(None, cache_dir=tmp_path, baseline=missing)
     assert isinstance(served, DemoModel) and served.baseline is None
-    page = json.dumps(app.build_demo(served).config)
+    page = json.dumps(app.build_demo(served).config, default=repr)  # (a gr.State's delete callback is a function)
     assert html.escape(f"The baseline {missing} could not be loaded") in page
     assert html.escape("this page shows the model's answer alone") in page and "baseline-notice" in page
     assert app.main(["--baseline", missing, "--require_model", "--cache_dir", str(tmp_path)]) == 2

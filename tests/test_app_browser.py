@@ -279,7 +279,8 @@ def test_a_zipped_series_slice_slider_sent_slices_and_a_prior(browser, app_serve
     # A prior study comes first among the images sent.
     page.locator("#prior input[type=file]").set_input_files(str(write_sentinel_dicom(tmp_path, "prior.dcm")))
     page.wait_for_function("() => document.querySelectorAll('#sent img').length === 4", timeout=30_000)
-    assert page.locator("#sent").inner_text().index("prior study") < page.locator("#sent").inner_text().index("slice 1")
+    sent = page.locator("#sent").inner_text()  # read once: a progress line may come and go above the images
+    assert sent.index("prior study") < sent.index("slice 1")
 
     page.locator("#generate").click()
     page.wait_for_function("() => /done in/.test(document.querySelector('#answer-settings').innerText)",
@@ -292,3 +293,96 @@ def test_a_zipped_series_slice_slider_sent_slices_and_a_prior(browser, app_serve
     assert screenshot.stat().st_size > 10_000
     print(f"screenshot: {screenshot}")
     page.close()
+
+
+def _zipped_mr_series(folder: Path) -> Path:
+    """pydicom's 7-slice MR series, with planted patient data, as one .zip."""
+    import zipfile
+
+    from tests.test_series import MR700, copy_series
+
+    copy_series(MR700, folder / "mr")
+    archive = folder / "study.zip"
+    with zipfile.ZipFile(archive, "w") as study:
+        for path in sorted((folder / "mr").iterdir()):
+            study.write(path, path.name)
+    return archive
+
+
+def test_a_slider_step_is_not_undone_by_a_slower_study_view(browser, app_server, tmp_path, monkeypatch):
+    """Max images' number box fires its event when it loses focus (here: to the slice slider), and that
+    view renders the whole study; a slider step right after it must be what the page ends on. A slow
+    whole-study render makes the order certain: the step is taken while that view still runs."""
+    import threading
+    import urllib.request
+
+    from PIL import Image
+
+    from radiology.serve import load_study
+
+    archive = _zipped_mr_series(tmp_path)
+    slow = threading.Event()
+    read_study = app.read_study
+
+    def slow_whole_study(*args, render=True, **kwargs):
+        if render and slow.is_set():
+            time.sleep(3)
+        return read_study(*args, render=render, **kwargs)
+
+    monkeypatch.setattr(app, "read_study", slow_whole_study)
+    page = browser.new_page(viewport={"width": 1280, "height": 1400})
+    page.goto(app_server.url)
+    page.locator("#disclaimer").wait_for(state="visible", timeout=60_000)
+    page.locator("#upload input[type=file]").set_input_files(str(archive))
+    slider = page.locator("#slice")
+    slider.wait_for(state="visible", timeout=30_000)
+    page.wait_for_function("() => document.querySelectorAll('#sent img').length === 7", timeout=30_000)
+
+    slow.set()
+    page.locator("#max-images input[type=number]").fill("3")
+    slider.locator("input[type=range]").focus()  # Max images loses focus: the whole study, slowly
+    page.keyboard.press("ArrowRight")  # slice 5, while that view runs
+    page.wait_for_function(
+        "() => document.querySelector('#slice').innerText.includes('Slice 5 of 7: not sent (the model gets 3 of 7)')"
+        " && document.querySelector('#slice input[type=range]').value === '5'"
+        " && document.querySelectorAll('#sent img').length === 3",
+        timeout=30_000,
+    )
+    with urllib.request.urlopen(page.locator("#preview img").get_attribute("src"), timeout=30) as answer:
+        shown = Image.open(answer).convert("RGB")
+    expected = load_study([str(archive)], max_images=3, render=False).item(4).image.convert("RGB")
+    assert shown.tobytes() == expected.tobytes()  # slice 5 as the model would get it
+    page.close()
+
+
+def test_generating_through_a_served_model(browser, server, tmp_path_factory):
+    """`python app.py --server_url URL`: the page names the server, and the answer it shows is the
+    server's answer to the image the app rendered."""
+    from radiology.data import DEFAULT_INSTRUCTION
+    from radiology.generate import GenerationSettings
+    from radiology.remote import RemoteModel
+    from radiology.serve import load_study
+    from tests.conftest import start_app
+
+    image = ROOT / "assets" / "ct_axial.png"
+    running = start_app(tmp_path_factory.mktemp("served-cache"), server_url=server.url)
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 1100})
+        page.goto(running.url)
+        page.locator("#disclaimer").wait_for(state="visible", timeout=60_000)
+        assert f"served by {server.url}" in page.locator("#model-panel").inner_text()
+        assert page.locator("#demo-model-notice").count() == 0 and not page.locator("#server-notice").is_visible()
+        page.locator("#upload input[type=file]").set_input_files(str(image))
+        page.locator("#preview img").wait_for(state="visible", timeout=30_000)
+        page.get_by_text("Decoding", exact=True).first.click()
+        _type_into_slider(page, "max-new-tokens", 20)
+        page.locator("#generate").click()
+        page.wait_for_function("() => /done in/.test(document.querySelector('#answer-settings').innerText)",
+                               timeout=120_000)
+        assert "served by" in page.locator("#answer-settings").inner_text()
+        expected = RemoteModel(server.url).generate(load_study([str(image)]).images, DEFAULT_INSTRUCTION,
+                                                    GenerationSettings(max_new_tokens=20))
+        assert expected and page.locator("#answer textarea").input_value() == expected
+        page.close()
+    finally:
+        running.close()

@@ -208,6 +208,22 @@ def test_a_server_that_dies_mid_stream_keeps_the_partial_text(tiny_model_dir, tm
         doomed.stop()
 
 
+def test_a_connection_the_server_closes_unanswered_is_tried_again_once(server, tiny_model_dir, image):
+    settings = GenerationSettings(max_new_tokens=8)
+    expected = RemoteModel(server.url).generate(image, settings=settings)
+    flaky = Proxy(server.port, drop_first=1)
+    try:
+        assert RemoteModel(flaky.url, str(tiny_model_dir)).generate(image, settings=settings) == expected
+    finally:
+        flaky.close()
+    twice = Proxy(server.port, drop_first=2)  # once is retried, not twice: the message names the cause
+    try:
+        with pytest.raises(RemoteModelError, match="disconnected without sending a response"):
+            RemoteModel(twice.url, str(tiny_model_dir)).generate(image, settings=settings)
+    finally:
+        twice.close()
+
+
 def test_requests_never_carry_dicom_header_values(server, tmp_path):
     from radiology.dicom import read_dicom_image
 
