@@ -9,6 +9,7 @@ import pytest
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 import app
+from radiology.draft import STOPPED_MARK
 from tests.conftest import ROOT
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -123,7 +124,8 @@ def test_upload_generate_read_streamed_text_and_stop(browser, long_answer_app, t
     )
     assert "stopped by user" in settings_line.inner_text()
     stopped = answer.input_value()
-    assert stopped.startswith(seen[-1])
+    assert stopped.startswith(seen[-1]) and stopped.endswith(f"\n\n{STOPPED_MARK}")  # marked in the text itself
+    stopped = stopped.removesuffix(f"\n\n{STOPPED_MARK}")
     # The whole answer, written by the package with the same greedy settings, for comparison: the
     # stopped one is its beginning, well short of its end. (Characters, not tokens: the tiny model's
     # tokenizer splits decoded text into other pieces than the ones generated.)
