@@ -294,3 +294,90 @@ def test_a_zipped_series_slice_slider_sent_slices_and_a_prior(browser, app_serve
     assert screenshot.stat().st_size > 10_000
     print(f"screenshot: {screenshot}")
     page.close()
+
+
+def _settings_say(page, elem_id: str, pattern: str, timeout: int = 120_000) -> None:
+    page.wait_for_function(f"() => /{pattern}/.test(document.querySelector('#{elem_id}').innerText)", timeout=timeout)
+
+
+def test_follow_ups_with_stop_export_history_and_a_new_upload_clearing_the_draft(browser, long_answer_app, tmp_path):
+    import zipfile
+
+    from radiology.draft import DRAFT_HEADER
+
+    page = browser.new_page(viewport={"width": 1280, "height": 1600}, accept_downloads=True)
+    page.goto(long_answer_app.url)
+    page.locator("#disclaimer").wait_for(state="visible", timeout=60_000)
+    page.locator("#upload input[type=file]").set_input_files(str(ROOT / "assets" / "mr_abdomen.png"))
+    page.locator("#preview img").wait_for(state="visible", timeout=30_000)
+    page.get_by_text("Decoding", exact=True).first.click()
+    _type_into_slider(page, "max-new-tokens", 16)
+    page.locator("#generate").click()
+    _settings_say(page, "answer-settings", "done in")
+    draft = page.locator("#answer textarea").input_value()
+    assert draft.endswith("[cut at 16 new tokens: raise Max new tokens]")  # every answer runs to its limit here
+
+    # Question 1, asked with Ctrl+Enter in the question box.
+    question = page.locator("#question textarea, #question input").first
+    question.fill("Is there free fluid?")
+    question.press("Control+Enter")
+    _settings_say(page, "follow-up-settings", "follow-up 1 · done in")
+    # Question 2, a long answer stopped with Esc while it is written.
+    _type_into_slider(page, "max-new-tokens", LONG_ANSWER_TOKENS)
+    question.fill("Where is it?")
+    page.locator("#ask").click()
+    _settings_say(page, "follow-up-settings", "follow-up 2 · generating")
+    page.wait_for_function("() => document.querySelector('#conversation').innerText.split('Where is it?')[1]"
+                           "?.trim().length > 20", timeout=60_000)
+    page.keyboard.press("Escape")
+    _settings_say(page, "follow-up-settings", "follow-up 2 · stopped by user")
+    # Question 3, after the stop.
+    _type_into_slider(page, "max-new-tokens", 16)
+    question.fill("How large is the liver?")
+    page.locator("#ask").click()
+    _settings_say(page, "follow-up-settings", "follow-up 3 · done in")
+    conversation = page.locator("#conversation").inner_text()
+    assert all(q in conversation for q in ("Is there free fluid?", "Where is it?", "How large is the liver?"))
+    assert "[stopped by user]" in conversation.split("How large is the liver?")[0]
+    assert page.locator("#answer textarea").input_value() == draft  # the draft itself stays as it was
+
+    # Export: the .zip downloaded from the page holds the draft, its three questions and the image.
+    page.get_by_text("Export and history", exact=True).first.click()
+    page.locator("#export").click()
+    link = page.locator("#export-file a").first
+    link.wait_for(state="visible", timeout=30_000)
+    with page.expect_download() as download:
+        link.click()
+    exported = tmp_path / "export.zip"
+    download.value.save_as(exported)
+    with zipfile.ZipFile(exported) as archive:
+        assert sorted(archive.namelist()) == ["image-1.png", "report.md", "report.txt"]
+        report = archive.read("report.txt").decode()
+    assert report.splitlines()[0] == DRAFT_HEADER
+    assert "Question 3: How large is the liver?" in report and "[stopped by user]" in report
+    assert draft.splitlines()[0] in report
+    screenshots = [tmp_path / "follow-ups.png", tmp_path / "cleared.png", tmp_path / "restored.png"]
+    page.screenshot(path=str(screenshots[0]), full_page=True)
+
+    # A new upload empties the draft at once: no answer about the previous image beside the new one.
+    page.locator("#upload input[type=file]").set_input_files(str(ROOT / "assets" / "ct_axial.png"))
+    page.wait_for_function(
+        "() => document.querySelector('#answer textarea').value === '' && "
+        "document.querySelector('#answer-settings').innerText.trim() === '' && "
+        "!document.querySelector('#conversation').innerText.includes('Is there free fluid?')",
+        timeout=10_000,
+    )
+    assert not page.locator("#export-file a").count()
+    page.screenshot(path=str(screenshots[1]), full_page=True)
+
+    # The session's history brings the draft back, with its conversation.
+    page.locator("#history input").click()
+    page.locator("[data-testid='dropdown-option']").first.click()
+    page.locator("#restore").click()
+    page.wait_for_function(f"() => document.querySelector('#answer textarea').value === {draft!r}", timeout=30_000)
+    assert "How large is the liver?" in page.locator("#conversation").inner_text()
+    page.screenshot(path=str(screenshots[2]), full_page=True)
+    for screenshot in screenshots:
+        assert screenshot.stat().st_size > 10_000
+        print(f"screenshot: {screenshot}")
+    page.close()
