@@ -381,3 +381,21 @@ def test_follow_ups_with_stop_export_history_and_a_new_upload_clearing_the_draft
         assert screenshot.stat().st_size > 10_000
         print(f"screenshot: {screenshot}")
     page.close()
+
+
+def test_a_new_upload_during_generation_stops_it_and_leaves_no_stale_text(browser, long_answer_app):
+    page = browser.new_page(viewport={"width": 1280, "height": 1100})
+    page.goto(long_answer_app.url)
+    page.locator("#disclaimer").wait_for(state="visible", timeout=60_000)
+    _start_long_generation(page, ROOT / "assets" / "mr_abdomen.png")
+    page.wait_for_function("() => document.querySelector('#answer textarea').value.length > 20", timeout=120_000)
+    page.locator("#upload input[type=file]").set_input_files(str(ROOT / "assets" / "ct_axial.png"))
+    page.wait_for_function("() => document.querySelector('#answer textarea').value === ''", timeout=10_000)
+    deadline = time.monotonic() + 30
+    while len(long_answer_app.stops) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(long_answer_app.stops) == 0, "the old study's generation should have been stopped"
+    time.sleep(1.0)  # anything the stopped generation still sent would show now
+    assert page.locator("#answer textarea").input_value() == ""
+    assert page.locator("#answer-settings").inner_text().strip() == ""
+    page.close()
