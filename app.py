@@ -27,8 +27,10 @@ import html
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass
@@ -38,7 +40,23 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
-from radiology.data import DEFAULT_INSTRUCTION
+from radiology.data import DEFAULT_INSTRUCTION, REPORT_FORMATS, Dialogue, with_report_format
+from radiology.draft import (
+    MAX_QUESTION_CHARS,
+    Answer,
+    Draft,
+    Turn,
+    clean_question,
+    conversation_messages,
+    find_draft,
+    fitting_dialogue,
+    history_choices,
+    marked,
+    prompt_fits,
+    remember,
+    sections_markdown,
+    write_export,
+)
 from radiology.generate import (
     AnsweringModel,
     GenerationSettings,
@@ -164,6 +182,7 @@ class AppConfig:
     server_read_timeout: float = DEFAULT_READ_TIMEOUT
     baseline_server_url: str | None = None
     baseline_model: str | None = None
+    report_format: str = "free"
 
 
 def _parse_bool(value: str) -> bool:
@@ -183,6 +202,12 @@ def _parse_auth(value: str) -> list[tuple[str, str]]:
             raise ValueError("expected user:password pairs separated by commas")
         pairs.append((user, password))
     return pairs
+
+
+def _report_format(value: str) -> str:
+    if value.strip() not in REPORT_FORMATS:
+        raise ValueError(f"must be one of {', '.join(REPORT_FORMATS)}, got {value!r}")
+    return value.strip()
 
 
 def _positive_int(value: str) -> int:
@@ -238,6 +263,9 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
      "a server whose model answers beside the model's (default with --baseline_model: --server_url)"),
     ("--baseline_model", "RADIOLOGY_BASELINE_MODEL", str,
      "the served baseline's name (default: the first --baseline_server_url lists)"),
+    ("--report_format", "RADIOLOGY_REPORT_FORMAT", _report_format,
+     "free (default) or findings_impression: the instruction asks for Findings: and Impression: sections, and the "
+     "page shows them as sections"),
 ]
 
 
@@ -395,7 +423,9 @@ def _input_notes(study: UploadedStudy, context: str | None) -> str:
 
 
 _ENDINGS = {"waiting": "waiting", "generating": "generating…", "done": "done in {seconds:.1f} s",
+            "cut": "done in {seconds:.1f} s, cut at max new tokens",
             "stopped": "stopped by user in {seconds:.1f} s", "not run": "not run (stopped by user)"}
+_FINISHED = ("done", "cut", "stopped", "not run")
 
 
 def _status_lines(abouts: Sequence[str], item: SideBySideTexts) -> list[str]:
@@ -403,28 +433,77 @@ def _status_lines(abouts: Sequence[str], item: SideBySideTexts) -> list[str]:
             for about, state, seconds in zip(abouts, item.states, item.seconds)]
 
 
-def make_generate(
-    models: Sequence[AnsweringModel], stops: StopRegistry, config: AppConfig,
-    on_server: Callable[[str | None], None] | None = None,
-) -> Callable[..., Iterator[tuple[str, ...]]]:
-    """The Generate button's handler. It streams the models' answers (the served one, then a
-    baseline; each loaded here or served elsewhere) through ``stream_side_by_side``: (text so far,
-    the line under it) for each model, all pairs in every update. It gets the controls' values
-    unprocessed and checks each of them. ``on_server`` hears, after each request that reached a
-    model server, why the server failed (None: it answered)."""
+def _shown_texts(item: SideBySideTexts, settings: GenerationSettings) -> list[str]:
+    """Each answer as its box shows it: marked once it was stopped or cut (see radiology.draft.marked)."""
+    return [marked(text, state, settings.max_new_tokens) for text, state in zip(item, item.states)]
+
+
+def _finished(item: SideBySideTexts) -> bool:
+    return all(state in _FINISHED for state in item.states)
+
+
+def make_streamer(
+    models: Sequence[AnsweringModel], stops: StopRegistry, config: AppConfig
+) -> Callable[..., Iterator[SideBySideTexts]]:
+    """The one streaming function of Generate and follow-up questions: ``stream_side_by_side`` over the models
+    (the first one alone with ``first_only``), on a ZeroGPU slice where there is one and a model is loaded here.
+    Only picklable arguments (a key, not the event): on ZeroGPU this runs in a worker process."""
     models = list(models)
     served_elsewhere = not any(isinstance(m, LoadedModel) for m in models)
 
-    # Only picklable arguments (a key, not the event): on ZeroGPU this runs in a worker process.
     def stream_on_gpu(
         key: str, images: list[Image.Image], prior: Image.Image | None, instruction: str, context: str | None,
-        settings: GenerationSettings,
+        settings: GenerationSettings, dialogue: Dialogue | None = None, first_only: bool = False,
     ) -> Iterator[SideBySideTexts]:
-        yield from stream_side_by_side(models, images, instruction, settings, context, stop=stops.event(key),
-                                       prior=prior)
+        yield from stream_side_by_side(models[:1] if first_only else models, images, instruction, settings, context,
+                                       stop=stops.event(key), prior=prior, dialogue=dialogue)
 
-    if not served_elsewhere:  # a served model needs no GPU of this machine
-        stream_on_gpu = _gpu_function(stream_on_gpu, config.gpu_duration)
+    if served_elsewhere:  # a served model needs no GPU of this machine
+        return stream_on_gpu
+    return _gpu_function(stream_on_gpu, config.gpu_duration)
+
+
+def _generation_failed(err: Exception) -> gr.Error:
+    """The message for a generation that failed while it ran (memory freed when it ran out of it)."""
+    if is_out_of_memory(err):
+        free_accelerator_memory()
+        logger.warning("generation ran out of GPU memory; memory freed")
+        return gr.Error(OUT_OF_MEMORY, print_exception=False)
+    logger.exception("generation failed")  # the traceback holds code paths, no upload data
+    return gr.Error(
+        f"Generation failed ({type(err).__name__}). Try again; if it keeps failing, the server "
+        "log has the details.",
+        print_exception=False,
+    )
+
+
+def _server_failed(err: RemoteModelError, on_server: Callable[[str | None], None] | None) -> gr.Error:
+    """The message for a model server that could not answer; ``on_server`` (the banner) hears it too."""
+    # The message names the server and what to do; it holds no request text or image data.
+    logger.warning("a model server failed: %s", err)
+    if on_server is not None:
+        on_server(str(err))
+    return gr.Error(f"The model server could not answer: {err}", print_exception=False)
+
+
+def _served_by_server(models: Sequence[AnsweringModel], on_server: Callable[[str | None], None] | None) -> None:
+    if on_server is not None and any(isinstance(m, RemoteModel) for m in models):
+        on_server(None)  # the server answered: a problem seen before is gone
+
+
+def make_generate(
+    models: Sequence[AnsweringModel], stops: StopRegistry, config: AppConfig,
+    on_server: Callable[[str | None], None] | None = None,
+) -> Callable[..., Iterator[tuple[Any, ...]]]:
+    """The Generate button's handler. It streams the models' answers (the served one, then a
+    baseline; each loaded here or served elsewhere) through ``stream_side_by_side``: (text so far,
+    the line under it) for each model, all pairs in every update, then the draft (radiology.draft.Draft;
+    None until every answer ended). It gets the controls' values unprocessed and checks each of them.
+    ``on_server`` hears, after each request that reached a model server, why the server failed (None: it
+    answered)."""
+    models = list(models)
+    stream_on_gpu = make_streamer(models, stops, config)
+    default_instruction = with_report_format(DEFAULT_INSTRUCTION, config.report_format)
 
     def generate(
         upload: object,
@@ -444,10 +523,10 @@ def make_generate(
         first_slice: object = None,
         last_slice: object = None,
         request: gr.Request | None = None,
-    ) -> Iterator[tuple[str, ...]]:
+    ) -> Iterator[tuple[Any, ...]]:
         try:
             settings = settings_from_ui(mode, temperature, top_p, top_k, max_new_tokens, seed, config.max_new_tokens)
-            instruction = clean_instruction(instruction)
+            instruction = clean_instruction(instruction, default=default_instruction)
             context = clean_context(context)
             study = read_study(upload, window, frame, prior, series, max_images, first_slice, last_slice)
         except ValueError as err:  # UploadError and ControlError are ValueErrors
@@ -461,28 +540,88 @@ def make_generate(
                 with closing(stream_on_gpu(key, list(study.images), prior_image, instruction, context,
                                            settings)) as items:
                     for item in paced(items, UPDATE_INTERVAL_S):
-                        yield tuple(x for pair in zip(item, _status_lines(abouts, item)) for x in pair)
-                if on_server is not None and any(isinstance(m, RemoteModel) for m in models):
-                    on_server(None)  # the server answered: a problem seen before is gone
+                        shown, lines = _shown_texts(item, settings), _status_lines(abouts, item)
+                        draft = None
+                        if _finished(item):
+                            draft = Draft(study.images, prior_image, study.describe(), instruction, context,
+                                          tuple(Answer(m.name, text, box, line)
+                                                for m, text, box, line in zip(models, item, shown, lines)),
+                                          config.report_format)
+                        yield (*(x for pair in zip(shown, lines) for x in pair), draft)
+                _served_by_server(models, on_server)
             except RemoteModelError as err:
-                # The message names the server and what to do; it holds no request text or image data.
-                logger.warning("a model server failed: %s", err)
-                if on_server is not None:
-                    on_server(str(err))
-                raise gr.Error(f"The model server could not answer: {err}", print_exception=False) from None
+                raise _server_failed(err, on_server) from None
             except Exception as err:
-                if is_out_of_memory(err):
-                    free_accelerator_memory()
-                    logger.warning("generation ran out of GPU memory; memory freed")
-                    raise gr.Error(OUT_OF_MEMORY, print_exception=False) from None
-                logger.exception("generation failed")  # the traceback holds code paths, no upload data
-                raise gr.Error(
-                    f"Generation failed ({type(err).__name__}). Try again; if it keeps failing, the server "
-                    "log has the details.",
-                    print_exception=False,
-                ) from None
+                raise _generation_failed(err) from None
 
     return generate
+
+
+def make_follow_up(
+    models: Sequence[AnsweringModel], stops: StopRegistry, config: AppConfig,
+    on_server: Callable[[str | None], None] | None = None,
+) -> Callable[..., Iterator[tuple[Any, ...]]]:
+    """The Ask button's handler: the served model answers a question about the draft's images as the next turn of
+    its conversation (the first answer and the earlier follow-ups), streamed like Generate's answers. Yields the
+    conversation (chat messages), the line under it and, once the answer ended, the draft with the new turn."""
+    served = models[0]
+    stream_on_gpu = make_streamer(models, stops, config)
+
+    def follow_up(
+        question: object,
+        mode: object,
+        temperature: object,
+        top_p: object,
+        top_k: object,
+        max_new_tokens: object,
+        seed: object,
+        draft: Draft | None = None,
+        request: gr.Request | None = None,
+    ) -> Iterator[tuple[Any, ...]]:
+        try:
+            settings = settings_from_ui(mode, temperature, top_p, top_k, max_new_tokens, seed, config.max_new_tokens)
+            question = clean_question(question)
+            dialogue, dropped = fitting_dialogue(
+                draft, question, lambda d: prompt_fits(served, draft, d, settings.max_new_tokens))
+        except ValueError as err:  # ControlError and FollowUpError are ValueErrors
+            raise refuse(err, "follow_up") from None
+        assert draft is not None
+        number = len(draft.follow_ups) + 1
+        about = f"{served.name} · {served.precision} · {served.device} · {settings.describe()} · follow-up {number}"
+        if dropped:
+            about += f" · the {dropped} earliest follow-up(s) left out of the prompt to fit the model's context"
+        session = request.session_hash if request is not None else None
+        with stops.running(session) as (key, _):
+            try:
+                with closing(stream_on_gpu(key, list(draft.images), draft.prior, draft.instruction, draft.context,
+                                           settings, dialogue, True)) as items:
+                    for item in paced(items, UPDATE_INTERVAL_S):
+                        (shown,), (line,) = _shown_texts(item, settings), _status_lines([about], item)
+                        if not _finished(item):
+                            yield conversation_messages(draft, (question, shown)), line, gr.skip()
+                            continue
+                        asked = draft.with_turn(Turn(question, Answer(served.name, item[0], shown, line)))
+                        yield conversation_messages(asked), line, asked
+                _served_by_server(models[:1], on_server)
+            except RemoteModelError as err:
+                raise _server_failed(err, on_server) from None
+            except Exception as err:
+                raise _generation_failed(err) from None
+
+    return follow_up
+
+
+def export_draft(draft: Draft | None) -> Iterator[str]:
+    """The Export button's handler: the draft as a .zip (report.md, report.txt, the images as the model saw them),
+    written to a temporary folder that is deleted once Gradio has taken its copy to serve."""
+    if draft is None:
+        raise gr.Error("There is no draft to export: press Generate first (or restore one from the history).",
+                       print_exception=False)
+    folder = Path(tempfile.mkdtemp(prefix="radiology-draft-"))
+    try:
+        yield str(write_export(draft, folder))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- preview
@@ -862,6 +1001,69 @@ def _answer_box(label: str, elem_id: str, settings_id: str) -> list[gr.component
     return [answer, gr.Markdown(elem_id=settings_id)]
 
 
+# Ctrl+Enter (Cmd+Enter) presses Ask in the question box and Generate elsewhere; Esc presses Stop.
+KEYBOARD_JS = """() => {
+  document.addEventListener('keydown', (event) => {
+    const press = (id) => { const button = document.getElementById(id); if (button) { event.preventDefault(); button.click(); } };
+    if (event.key === 'Enter' && (event.ctrlKey || event.metaKey)) {
+      press(event.target.closest && event.target.closest('#question') ? 'ask' : 'generate');
+    } else if (event.key === 'Escape') {
+      press('stop');
+    }
+  });
+}"""
+
+
+@dataclass
+class DraftPanel:
+    """Everything about the draft besides its answer boxes: the Findings / Impression rendering, follow-up
+    questions, export, and this browser session's drafts (gr.State: never on disk)."""
+
+    sections: gr.Markdown
+    question: gr.Textbox
+    ask: gr.Button
+    ask_stop: gr.Button
+    conversation: gr.Chatbot
+    follow_settings: gr.Markdown
+    export: gr.Button
+    export_file: gr.File
+    history_list: gr.Dropdown
+    restore: gr.Button
+    draft: gr.State
+    history: gr.State
+
+    def cleared(self, answers: Sequence[gr.components.Component]) -> list[gr.components.Component]:
+        """What a new study empties: in the order of ``_cleared_values``' values."""
+        return [*answers, self.sections, self.conversation, self.follow_settings, self.draft, self.export_file]
+
+
+def _cleared_values(answers: Sequence[gr.components.Component]) -> tuple[Any, ...]:
+    return (*[""] * len(answers), "", [], "", None, None)
+
+
+def _draft_panel(config: AppConfig) -> DraftPanel:
+    sections = gr.Markdown(visible=config.report_format == "findings_impression", elem_id="answer-sections")
+    with gr.Accordion("Follow-up questions about this draft", open=True):
+        conversation = gr.Chatbot(label="Follow-up questions (the model answers about the same images)", height=260,
+                                  buttons=["copy"], elem_id="conversation")
+        follow_settings = gr.Markdown(elem_id="follow-up-settings")
+        question = gr.Textbox(label="Question (Ctrl+Enter asks; Esc stops)", lines=1, max_length=MAX_QUESTION_CHARS,
+                              placeholder="e.g. Is there a pleural effusion?", elem_id="question")
+        with gr.Row():
+            ask = gr.Button("Ask", variant="primary", elem_id="ask")
+            ask_stop = gr.Button("Stop", variant="stop", elem_id="ask-stop")
+    with gr.Accordion("Export and history", open=False):
+        export = gr.Button("Export draft (.zip: report.md, report.txt, images)", elem_id="export")
+        export_file = gr.File(label="Draft export (AI-generated draft, not reviewed)", interactive=False,
+                              elem_id="export-file")
+        with gr.Row():
+            history_list = gr.Dropdown(choices=[], value=None, label="Drafts of this session (kept in this tab only)",
+                                       elem_id="history", scale=3)
+            restore = gr.Button("Restore", elem_id="restore", scale=1)
+    return DraftPanel(sections, question, ask, ask_stop, conversation, follow_settings, export, export_file,
+                      history_list, restore, gr.State(None), gr.State([]))
+
+
 def _takes_files(block: Any) -> bool:
     return isinstance(block, gr.File) and block.file_count == "multiple"
 
@@ -916,7 +1118,8 @@ def build_demo(served: DemoModel, config: AppConfig | None = None, stops: StopRe
                 panel = _input_panel()
                 _examples_gallery(panel.upload)
             with gr.Column():
-                instruction = gr.Textbox(DEFAULT_INSTRUCTION, label="Instruction", lines=2,
+                instruction = gr.Textbox(with_report_format(DEFAULT_INSTRUCTION, config.report_format),
+                                         label="Instruction", lines=2,
                                          max_length=MAX_INSTRUCTION_CHARS, elem_id="instruction")
                 context = gr.Textbox(label="Clinical history / question (optional)", lines=2,
                                      placeholder="e.g. 58-year-old smoker, cough for 3 weeks",
@@ -927,6 +1130,7 @@ def build_demo(served: DemoModel, config: AppConfig | None = None, stops: StopRe
                     stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
                 if served.baseline is None:
                     answers = _answer_box("Draft description (model output)", "answer", "answer-settings")
+                    draft_panel = _draft_panel(config)
                 panel_text = gr.Markdown(model_panel(served), elem_id="model-panel")
         if served.baseline is not None:
             # Side by side, full width: the served model on the left, the baseline on the right.
@@ -936,6 +1140,7 @@ def build_demo(served: DemoModel, config: AppConfig | None = None, stops: StopRe
                 with gr.Column():
                     answers += _answer_box(f"Baseline, for comparison: {served.baseline.name}", "baseline-answer",
                                            "baseline-answer-settings")
+            draft_panel = _draft_panel(config)
 
         # Every event that reads the controls gets their values unprocessed (preprocess=False) and
         # checks them itself: Gradio's own checks answer bad API values with tracebacks that quote the
@@ -966,7 +1171,7 @@ def build_demo(served: DemoModel, config: AppConfig | None = None, stops: StopRe
             make_generate(served.models, stops, config,
                           on_server=lambda problem: setattr(served, "server_problem", problem)),
             generate_inputs,
-            answers,
+            [*answers, draft_panel.draft],
             api_name="generate",
             preprocess=False,
             # Every GPU-bound event shares one concurrency group: the limit is per GPU, not per button.
@@ -990,7 +1195,67 @@ def build_demo(served: DemoModel, config: AppConfig | None = None, stops: StopRe
         stop_button.click(stop, None, None, api_name="stop", concurrency_limit=None,
                           cancels=[run] if ON_ZERO_GPU else None)
         demo.unload(stop)  # a closed tab gives its GPU slot back at once
+        _wire_draft(demo, panel, draft_panel, answers, decoding, generate_button, run, served, stops, config,
+                    concurrency)
     return demo
+
+
+def _wire_draft(
+    demo: gr.Blocks, panel: InputPanel, draft_panel: DraftPanel, answers: Sequence[gr.components.Component],
+    decoding: DecodingControls, generate_button: gr.Button, run: Any, served: DemoModel, stops: StopRegistry,
+    config: AppConfig, concurrency: int,
+) -> None:
+    """The draft's events: follow-up questions (/follow_up), export (/export), the session's history, the
+    Findings / Impression rendering, clearing on a new study, and the keyboard."""
+    dp = draft_panel
+    private = dict(api_visibility="private", concurrency_limit=None)
+
+    def remember_draft(draft: Draft | None, history: list[Draft] | None) -> tuple[list[Draft], Any]:
+        kept = remember(history, draft)
+        return kept, gr.Dropdown(choices=history_choices(kept), value=draft.id if draft is not None else None)
+
+    # A new Generate starts a new conversation and export.
+    generate_button.click(lambda: ([], "", None, ""), None, [dp.conversation, dp.follow_settings, dp.export_file,
+                                                             dp.sections], queue=False, **private)
+    run.then(remember_draft, [dp.draft, dp.history], [dp.history, dp.history_list], **private)
+    on_server = lambda problem: setattr(served, "server_problem", problem)  # noqa: E731 (the banner's state)
+    asked = dp.ask.click(make_follow_up(served.models, stops, config, on_server),
+                         [dp.question, *decoding.inputs(), dp.draft],
+                         [dp.conversation, dp.follow_settings, dp.draft], api_name="follow_up", preprocess=False,
+                         concurrency_id="gpu", concurrency_limit=concurrency)
+    asked.then(remember_draft, [dp.draft, dp.history], [dp.history, dp.history_list], **private)
+    asked.success(lambda: "", None, dp.question, **private)
+
+    def stop(request: gr.Request) -> None:
+        stops.stop(request.session_hash)
+
+    dp.ask_stop.click(stop, None, None, concurrency_limit=None, api_visibility="private",
+                      cancels=[asked] if ON_ZERO_GPU else None)
+    dp.export.click(export_draft, dp.draft, dp.export_file, api_name="export", concurrency_id="preview",
+                    concurrency_limit=PREVIEW_CONCURRENCY)
+
+    def restore(draft_id: object, history: list[Draft] | None) -> tuple[Any, ...]:
+        draft = find_draft(history, draft_id)
+        if draft is None:
+            raise gr.Error("Choose a draft of this session in the list first, then press Restore.",
+                           print_exception=False)
+        boxes = [x for answer in draft.answers for x in (answer.shown, answer.about)]
+        return (*boxes, sections_markdown(draft.answers[0].shown), conversation_messages(draft), "", draft, None)
+
+    dp.restore.click(restore, [dp.history_list, dp.history], dp.cleared(answers), **private)
+
+    # A new study (upload, window, series, slices, prior) empties the draft at once: an answer about the previous
+    # image never stays beside the new one. A generation still running for it is stopped.
+    def clear_draft(request: gr.Request) -> tuple[Any, ...]:
+        stops.stop(request.session_hash)
+        return _cleared_values(answers)
+
+    for event in (panel.upload.change, panel.window.select, panel.series.select, panel.max_images.release,
+                  panel.first_slice.input, panel.last_slice.input, panel.prior.change):
+        event(clear_draft, None, dp.cleared(answers), queue=False, cancels=[run, asked], **private)
+    if config.report_format == "findings_impression":
+        answers[0].change(sections_markdown, answers[0], dp.sections, queue=False, show_progress="hidden", **private)
+    demo.load(None, None, None, js=KEYBOARD_JS)
 
 
 def launch(demo: gr.Blocks, config: AppConfig, **overrides: Any) -> Any:

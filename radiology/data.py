@@ -66,6 +66,8 @@ from radiology.series import DEFAULT_MAX_IMAGES, load_series, render_series, sam
 
 __all__ = [
     "DEFAULT_INSTRUCTION",
+    "FINDINGS_IMPRESSION_REQUEST",
+    "REPORT_FORMATS",
     "WHOLE_FILE",
     "DatasetArguments",
     "DatasetError",
@@ -88,6 +90,7 @@ __all__ = [
     "user_text",
     "control_token_in",
     "decode_image",
+    "with_report_format",
     "is_single_file",
     "load_caption_dataset",
     "load_caption_splits",
@@ -101,6 +104,13 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_INSTRUCTION = "You are an expert radiographer. Describe accurately what you see in this image."
+# How an answer is laid out (--report_format): "free" text, or "Findings:" and "Impression:" sections, which the
+# instruction asks for (with_report_format); the prompt is otherwise the same (build_messages).
+REPORT_FORMATS = ("free", "findings_impression")
+FINDINGS_IMPRESSION_REQUEST = (
+    'Write the report in two sections: "Findings:" with what the image shows, then "Impression:" with the '
+    "conclusion in one or two sentences."
+)
 
 # Canonical column names after preparation; the collator and evaluation read these. IMAGE holds one
 # image value per row, or a list of them (several image columns, or --images_column); PRIOR the prior study's.
@@ -350,6 +360,16 @@ def refuse_control_tokens(text: str, what: str) -> None:
             f"{what} contains the chat control token {token}, which would change the prompt's structure (a turn or "
             "an image that is not there); remove it"
         )
+
+
+def with_report_format(instruction: str, report_format: str = "free") -> str:
+    """The instruction that asks for ``report_format`` (one of REPORT_FORMATS): itself for "free"; for
+    "findings_impression" followed by FINDINGS_IMPRESSION_REQUEST (once, however often it is applied)."""
+    if report_format not in REPORT_FORMATS:
+        raise ValueError(f"unknown report format {report_format!r}: use one of {', '.join(REPORT_FORMATS)}")
+    if report_format == "free" or instruction.rstrip().endswith(FINDINGS_IMPRESSION_REQUEST):
+        return instruction
+    return f"{instruction.rstrip()} {FINDINGS_IMPRESSION_REQUEST}"
 
 
 # Labels of a comparison prompt (see user_content): the prior study's image comes first.

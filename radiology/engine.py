@@ -47,7 +47,7 @@ from transformers.cache_utils import Cache, StaticLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.gemma3.modeling_gemma3 import apply_rotary_pos_emb
 
-from radiology.tokens import never_generated, special_ids
+from radiology.tokens import StreamedText, never_generated, special_ids
 
 __all__ = ["COMPILE_MODES", "DECODE_ATTENTIONS", "DecodeEngine", "EngineRequest", "static_cache_bytes",
            "uniform_noise"]
@@ -588,7 +588,7 @@ class DecodeEngine:
         try:
             for chunk in self._answer(request):
                 ids.extend(chunk)
-                yield self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                yield StreamedText(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), len(ids))
         finally:
             request.stop.set()
 

@@ -39,7 +39,7 @@ from transformers import (
     TextIteratorStreamer,
 )
 
-from radiology.data import DEFAULT_INSTRUCTION, Dialogue, control_token_in, decode_image
+from radiology.data import DEFAULT_INSTRUCTION, REPORT_FORMATS, Dialogue, control_token_in, decode_image, with_report_format
 from radiology.dicom import has_dicom_preamble, read_dicom_image
 from radiology.series import (
     ALL_WINDOWS,
@@ -52,7 +52,7 @@ from radiology.series import (
     sample_indices,
 )
 from radiology.modeling import check_vision_language_model, load_processor
-from radiology.tokens import never_generated, special_ids, stop_ids
+from radiology.tokens import StreamedText, never_generated, special_ids, stop_ids
 
 __all__ = [
     "GenerationSettings",
@@ -61,6 +61,7 @@ __all__ = [
     "LoadedModel",
     "SideBySideTexts",
     "StopSignal",
+    "StreamedText",
     "StudyImages",
     "StudyInput",
     "add_generation_arguments",
@@ -180,9 +181,10 @@ class LoadedModel:
         context: str | None = None,
         stop: threading.Event | None = None,
         prior: ImageInput | None = None,
+        dialogue: Dialogue | None = None,
     ) -> Iterator[str]:
         """``stream_text`` on this model (the method ``AnsweringModel`` names)."""
-        return stream_text(self, images, instruction, settings, context, stop, prior)
+        return stream_text(self, images, instruction, settings, context, stop, prior, dialogue=dialogue)
 
     def __enter__(self) -> LoadedModel:
         return self
@@ -460,6 +462,17 @@ def generate_text(
     return generate_batch(loaded, [image], instruction, settings, [context], stop, [prior])[0]
 
 
+class _TokenCount(StoppingCriteria):
+    """Counts the tokens generate adds (never stops it): the last one, when it is a stop token, is not counted."""
+
+    def __init__(self, prompt_length: int, stop_token_ids: Sequence[int]):
+        self.prompt_length, self.stop_token_ids, self.new_tokens = prompt_length, set(stop_token_ids), 0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        self.new_tokens = input_ids.shape[1] - self.prompt_length - int(input_ids[0, -1].item() in self.stop_token_ids)
+        return torch.zeros((input_ids.shape[0],), dtype=torch.bool, device=input_ids.device)
+
+
 def stream_text(
     loaded: LoadedModel,
     image: StudyImages,
@@ -468,13 +481,15 @@ def stream_text(
     context: str | None = None,
     stop: threading.Event | None = None,
     prior: ImageInput | None = None,
-) -> Iterator[str]:
-    """Yields the description as it grows (each item is the text so far). Setting ``stop`` ends
-    generation at the next token; closing the iterator early sets it too."""
+    dialogue: Dialogue | None = None,
+) -> Iterator[StreamedText]:
+    """Yields the description as it grows (each item is the text so far, a StreamedText that counts its
+    tokens). With ``dialogue``, the answer to a question or to a conversation's next question (see
+    build_batch_inputs). Setting ``stop`` ends generation at the next token; closing the iterator early sets it too."""
     _require_open(loaded)
     settings = settings or GenerationSettings()
     stop = stop or threading.Event()
-    inputs = build_inputs(loaded.processor, image, instruction, context, prior)
+    inputs = build_inputs(loaded.processor, image, instruction, context, prior, dialogue=dialogue)
     if loaded.engine is not None and loaded.engine.fits(inputs["input_ids"].shape[1], settings.max_new_tokens):
         yield from loaded.engine.stream(inputs, settings, stop)
         return
@@ -482,6 +497,8 @@ def stream_text(
         loaded.processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600
     )
     kwargs = _generate_kwargs(loaded, inputs, settings, stop)
+    counter = _TokenCount(inputs["input_ids"].shape[1], loaded.stop_token_ids)
+    kwargs["stopping_criteria"] = StoppingCriteriaList([*kwargs.get("stopping_criteria", []), counter])
     errors: list[BaseException] = []
 
     def work() -> None:
@@ -499,12 +516,13 @@ def stream_text(
     try:
         for piece in streamer:
             text += piece
-            yield text.strip()
+            yield StreamedText(text.strip(), counter.new_tokens)
     finally:
         stop.set()
         thread.join()
     if errors:
         raise errors[0]
+    yield StreamedText(text.strip(), counter.new_tokens)  # the count after the last token
 
 
 class AnsweringModel(Protocol):
@@ -529,13 +547,14 @@ class AnsweringModel(Protocol):
         context: str | None = None,
         stop: threading.Event | None = None,
         prior: ImageInput | None = None,
+        dialogue: Dialogue | None = None,
     ) -> Iterator[str]: ...
 
 
 class SideBySideTexts(list):
     """One item of ``stream_side_by_side``: every model's text so far (a list of str, "" for those
-    not started), with each model's ``states`` ("waiting", "generating", "done", "stopped" or
-    "not run") and ``seconds`` spent generating (None before it starts)."""
+    not started), with each model's ``states`` ("waiting", "generating", "done", "cut" (done at max_new_tokens),
+    "stopped" or "not run") and ``seconds`` spent generating (None before it starts)."""
 
     def __init__(self, texts: Sequence[str], states: Sequence[str], seconds: Sequence[float | None]):
         super().__init__(texts)
@@ -570,18 +589,25 @@ def stream_side_by_side(
     context: str | None = None,
     stop: threading.Event | None = None,
     prior: ImageInput | None = None,
+    dialogue: Dialogue | Sequence[Dialogue | None] | None = None,
 ) -> Iterator[SideBySideTexts]:
-    """Streams several models' answers to one image with the same prompt and settings. A model is
-    loaded here (``LoadedModel``) or served elsewhere (``radiology.remote.RemoteModel``), in any mix.
+    """Streams several models' answers to one image with the same prompt and settings; with ``dialogue``,
+    to a conversation's next question (one Dialogue for every model, or one per model: each holds that
+    model's own earlier answers). A model is loaded here (``LoadedModel``) or served elsewhere
+    (``radiology.remote.RemoteModel``), in any mix.
 
     The models run one after the other (two at once would share one GPU's time and memory). An
     item comes when a model starts, with each piece of its answer, and when it ends. Setting
     ``stop`` ends the current model's answer at its next token ("stopped") and skips the rest
     ("not run"); this function never sets ``stop`` itself, so a set ``stop`` always means a stop
-    was asked for.
+    was asked for. An answer that reached max_new_tokens ends "cut".
     """
     stop = stop or threading.Event()
+    settings = settings or GenerationSettings()
     count = len(models)
+    dialogues = list(dialogue) if dialogue is not None and not isinstance(dialogue, Dialogue) else [dialogue] * count
+    if len(dialogues) != count:
+        raise ValueError(f"{len(dialogues)} dialogues for {count} models: give one Dialogue, or one per model")
     texts, states = [""] * count, ["waiting"] * count
     seconds: list[float | None] = [None] * count
 
@@ -598,13 +624,20 @@ def stream_side_by_side(
         # stream_text sets its event when it finishes, so each model gets its own; ours is relayed.
         own = threading.Event()
         # closing(): a caller that stops listening ends the running generation, not only this loop.
-        with closing(loaded.stream_answer(image, instruction, settings, context, own, prior)) as stream:
+        new_tokens = 0
+        with closing(loaded.stream_answer(image, instruction, settings, context, own, prior,
+                                          dialogue=dialogues[i])) as stream:
             for text in stream:
-                texts[i], seconds[i] = text, time.perf_counter() - started
+                texts[i], seconds[i] = str(text), time.perf_counter() - started
+                new_tokens = getattr(text, "new_tokens", new_tokens)
                 yield item()
                 if stop.is_set():
                     own.set()
-        states[i], seconds[i] = ("stopped" if stop.is_set() else "done"), time.perf_counter() - started
+        if stop.is_set():
+            states[i] = "stopped"
+        else:
+            states[i] = "cut" if new_tokens >= settings.max_new_tokens else "done"
+        seconds[i] = time.perf_counter() - started
         yield item()
 
 
@@ -771,6 +804,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--load_in_4bit", action="store_true", help="load the weights in 4-bit NF4")
     parser.add_argument("--context", default=None, help="optional clinical context for the prompt")
     add_generation_arguments(parser)
+    parser.add_argument("--report_format", choices=REPORT_FORMATS, default="free",
+                        help="findings_impression: the instruction asks for \"Findings:\" and \"Impression:\" sections")
     parser.add_argument("--stream", action="store_true", help="print the text as it is generated")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     args = parser.parse_args(argv)
@@ -779,6 +814,7 @@ def main(argv: list[str] | None = None) -> None:
         # Bad flags and bad images fail in a second, before the model loads.
         settings = settings_from_args(args)
         _refuse_control_tokens(args.instruction, args.context)
+        instruction = with_report_format(args.instruction, args.report_format)
         study = read_study(args.image, args.prior, args.window, args.series, args.max_images, args.slices)
         if study.series:
             print(f"series: {study.series}", file=sys.stderr)
@@ -786,10 +822,10 @@ def main(argv: list[str] | None = None) -> None:
         images = study.images  # one image makes the one-image prompt the model was trained on
         loaded = load_for_generation(args.model, args.adapter, args.load_in_4bit, args.device)
         if not args.stream:
-            print(generate_text(loaded, images, args.instruction, settings, context=args.context, prior=study.prior))
+            print(generate_text(loaded, images, instruction, settings, context=args.context, prior=study.prior))
             return
         shown = ""
-        for text in stream_text(loaded, images, args.instruction, settings, context=args.context, prior=study.prior):
+        for text in stream_text(loaded, images, instruction, settings, context=args.context, prior=study.prior):
             sys.stdout.write(text[len(shown):])
             sys.stdout.flush()
             shown = text

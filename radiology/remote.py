@@ -487,13 +487,14 @@ class RemoteModel:
         context: str | None = None,
         stop: threading.Event | None = None,
         prior: Image.Image | None = None,
+        dialogue: Dialogue | None = None,
     ) -> Iterator[str]:
         """``stream`` in the shape of a loaded model's (``radiology.generate.AnsweringModel``): the
         prior study, when there is one, is its own image, which the prompt places first."""
         pictures = _as_image_list(images)
         if prior is not None:
             pictures = [*_as_image_list(prior), *pictures]
-        return self.stream(pictures, instruction, settings, context, stop, prior=prior is not None)
+        return self.stream(pictures, instruction, settings, context, stop, prior=prior is not None, dialogue=dialogue)
 
     def generate(
         self,

@@ -664,12 +664,12 @@ def load_study(
     return dataclasses.replace(study, prior=prior_image, warning=warning)
 
 
-def clean_instruction(text: object, limit: int = MAX_INSTRUCTION_CHARS) -> str:
-    """The instruction as the prompt will carry it: DEFAULT_INSTRUCTION when blank; ControlError
+def clean_instruction(text: object, limit: int = MAX_INSTRUCTION_CHARS, default: str = DEFAULT_INSTRUCTION) -> str:
+    """The instruction as the prompt will carry it: ``default`` when blank; ControlError
     when it is not text or too long; ValueError when it holds a chat control token (a stray
     ``<start_of_image>`` asks for an image that is not there, ``<end_of_turn>`` ends the turn)."""
     if text is None:
-        return DEFAULT_INSTRUCTION
+        return default
     if not isinstance(text, str) or len(text.strip()) > limit:
         raise ControlError(f"The instruction must be text of at most {limit} characters; shorten it.",
                            "instruction")
@@ -680,7 +680,7 @@ def clean_instruction(text: object, limit: int = MAX_INSTRUCTION_CHARS) -> str:
             f"The instruction contains the chat control token {token}, which would change the prompt's "
             "structure; remove it from the instruction."
         )
-    return text or DEFAULT_INSTRUCTION
+    return text or default
 
 
 def clean_context(text: object, limit: int = MAX_CONTEXT_CHARS) -> str | None:

@@ -1,5 +1,5 @@
 """Gemma 3's special token ids, read from a processor: what collation, generation, the decode engine
-and the merged model's generation config all need to agree on.
+and the merged model's generation config all need to agree on; and the streamed text with its token count.
 
 Ids are never written as literals: the tiny test model and the real checkpoints number them
 differently (``<end_of_turn>`` is 106 in Gemma 3 and 6 in the tiny model).
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from transformers import ProcessorMixin
 
-__all__ = ["SpecialIds", "never_generated", "special_ids", "stop_ids"]
+__all__ = ["SpecialIds", "StreamedText", "never_generated", "special_ids", "stop_ids"]
 
 
 @dataclass(frozen=True)
@@ -52,3 +52,15 @@ def never_generated(processor: ProcessorMixin) -> list[int]:
     """The image placeholders (soft token and ``<start_of_image>``): a generated one would need pixels."""
     ids = special_ids(processor)
     return [ids.image, ids.boi]
+
+
+class StreamedText(str):
+    """One item of ``stream_text``: the answer so far, and how many new tokens it holds (stop tokens not
+    counted). An answer whose ``new_tokens`` reached max_new_tokens was cut at that limit."""
+
+    new_tokens: int
+
+    def __new__(cls, text: str, new_tokens: int) -> StreamedText:
+        item = super().__new__(cls, text)
+        item.new_tokens = new_tokens
+        return item

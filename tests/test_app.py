@@ -488,8 +488,8 @@ def test_clinical_history_reaches_the_models_input_ids_in_the_user_turn(app_serv
     seen: list[list[int]] = []
     build_inputs = radiology.generate.build_inputs
 
-    def spy(processor, image, instruction=None, context=None, prior=None):
-        inputs = build_inputs(processor, image, instruction, context, prior)
+    def spy(processor, image, instruction=None, context=None, prior=None, dialogue=None):
+        inputs = build_inputs(processor, image, instruction, context, prior, dialogue=dialogue)
         seen.append(inputs["input_ids"][0].tolist())
         return inputs
 

@@ -81,7 +81,7 @@ def test_stop_ends_the_request_for_both_models(baseline_server, monkeypatch, dur
     assert time.monotonic() - stopped_at < 10
     if during == "model":
         assert "stopped by user" in about
-        assert baseline_text == "" and "not run (stopped by user)" in baseline_about
+        assert baseline_text == "[not run: stopped by user]" and "not run (stopped by user)" in baseline_about
     else:
         assert "done in" in about and text.strip()
         assert "stopped by user" in baseline_about and baseline_text.strip()
@@ -119,20 +119,22 @@ def test_main_warms_up_each_model_and_logs_the_seconds(tiny_model_dir, tmp_path,
     assert "model warmed up in 1.5 s" in caplog.text and "baseline warmed up in 1.5 s" in caplog.text
 
 
-def test_side_by_side_items_say_each_models_state_for_the_settings_lines(baseline_server):
-    """The app's lines come from stream_side_by_side's items: which model runs, which is done or
-    stopped, and for how long."""
+def test_side_by_side_items_say_each_models_state_for_the_settings_lines(baseline_server, monkeypatch):
+    """The app's lines come from stream_side_by_side's items: which model runs, which is done (cut at
+    max new tokens here) or stopped, and for how long."""
     import threading
 
     from radiology.generate import GenerationSettings, SideBySideTexts, stream_side_by_side
     from radiology.serve import read_upload
 
     models, image = baseline_server.served.models, read_upload(EXAMPLE)
+    for loaded in models:  # every answer runs to its max new tokens
+        monkeypatch.setattr(loaded.engine, "ignore_stop_tokens", True)
     items = list(stream_side_by_side(models, image, settings=GenerationSettings(max_new_tokens=6)))
     assert all(isinstance(item, SideBySideTexts) for item in items)
     states = [tuple(item.states) for item in items]
-    assert states[0] == ("generating", "waiting") and states[-1] == ("done", "done")
-    assert ("done", "generating") in states and items[-1].seconds[0] > 0 and items[-1].seconds[1] > 0
+    assert states[0] == ("generating", "waiting") and states[-1] == ("cut", "cut")
+    assert ("cut", "generating") in states and items[-1].seconds[0] > 0 and items[-1].seconds[1] > 0
     # A stop asked while the first model writes: it is "stopped", the second "not run"; the
     # caller's event is set by nobody else, so "stopped" always means a person asked.
     stop = threading.Event()

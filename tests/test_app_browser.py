@@ -9,6 +9,7 @@ import pytest
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 import app
+from radiology.draft import STOPPED_MARK
 from tests.conftest import ROOT
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -123,7 +124,8 @@ def test_upload_generate_read_streamed_text_and_stop(browser, long_answer_app, t
     )
     assert "stopped by user" in settings_line.inner_text()
     stopped = answer.input_value()
-    assert stopped.startswith(seen[-1])
+    assert stopped.startswith(seen[-1]) and stopped.endswith(f"\n\n{STOPPED_MARK}")  # marked in the text itself
+    stopped = stopped.removesuffix(f"\n\n{STOPPED_MARK}")
     # The whole answer, written by the package with the same greedy settings, for comparison: the
     # stopped one is its beginning, well short of its end. (Characters, not tokens: the tiny model's
     # tokenizer splits decoded text into other pieces than the ones generated.)
@@ -386,3 +388,108 @@ def test_generating_through_a_served_model(browser, server, tmp_path_factory):
         page.close()
     finally:
         running.close()
+
+
+def _settings_say(page, elem_id: str, pattern: str, timeout: int = 120_000) -> None:
+    page.wait_for_function(f"() => /{pattern}/.test(document.querySelector('#{elem_id}').innerText)", timeout=timeout)
+
+
+def test_follow_ups_with_stop_export_history_and_a_new_upload_clearing_the_draft(browser, long_answer_app, tmp_path):
+    import zipfile
+
+    from radiology.draft import DRAFT_HEADER
+
+    page = browser.new_page(viewport={"width": 1280, "height": 1600}, accept_downloads=True)
+    page.goto(long_answer_app.url)
+    page.locator("#disclaimer").wait_for(state="visible", timeout=60_000)
+    page.locator("#upload input[type=file]").set_input_files(str(ROOT / "assets" / "mr_abdomen.png"))
+    page.locator("#preview img").wait_for(state="visible", timeout=30_000)
+    page.get_by_text("Decoding", exact=True).first.click()
+    _type_into_slider(page, "max-new-tokens", 16)
+    page.locator("#generate").click()
+    _settings_say(page, "answer-settings", "done in")
+    draft = page.locator("#answer textarea").input_value()
+    assert draft.endswith("[cut at 16 new tokens: raise Max new tokens]")  # every answer runs to its limit here
+
+    # Question 1, asked with Ctrl+Enter in the question box.
+    question = page.locator("#question textarea, #question input").first
+    question.fill("Is there free fluid?")
+    question.press("Control+Enter")
+    _settings_say(page, "follow-up-settings", "follow-up 1 · done in")
+    # Question 2, a long answer stopped with Esc while it is written.
+    _type_into_slider(page, "max-new-tokens", LONG_ANSWER_TOKENS)
+    question.fill("Where is it?")
+    page.locator("#ask").click()
+    _settings_say(page, "follow-up-settings", "follow-up 2 · generating")
+    page.wait_for_function("() => document.querySelector('#conversation').innerText.split('Where is it?')[1]"
+                           "?.trim().length > 20", timeout=60_000)
+    page.keyboard.press("Escape")
+    _settings_say(page, "follow-up-settings", "follow-up 2 · stopped by user")
+    # Question 3, after the stop.
+    _type_into_slider(page, "max-new-tokens", 16)
+    question.fill("How large is the liver?")
+    page.locator("#ask").click()
+    _settings_say(page, "follow-up-settings", "follow-up 3 · done in")
+    conversation = page.locator("#conversation").inner_text()
+    assert all(q in conversation for q in ("Is there free fluid?", "Where is it?", "How large is the liver?"))
+    assert "[stopped by user]" in conversation.split("How large is the liver?")[0]
+    assert page.locator("#answer textarea").input_value() == draft  # the draft itself stays as it was
+
+    # Export: the .zip downloaded from the page holds the draft, its three questions and the image.
+    page.get_by_text("Export and history", exact=True).first.click()
+    page.locator("#export").click()
+    link = page.locator("#export-file a").first
+    link.wait_for(state="visible", timeout=30_000)
+    with page.expect_download() as download:
+        link.click()
+    exported = tmp_path / "export.zip"
+    download.value.save_as(exported)
+    with zipfile.ZipFile(exported) as archive:
+        assert sorted(archive.namelist()) == ["image-1.png", "report.md", "report.txt"]
+        report = archive.read("report.txt").decode()
+    assert report.splitlines()[0] == DRAFT_HEADER
+    assert "Question 3: How large is the liver?" in report and "[stopped by user]" in report
+    assert draft.splitlines()[0] in report
+    screenshots = [tmp_path / "follow-ups.png", tmp_path / "cleared.png", tmp_path / "restored.png"]
+    page.screenshot(path=str(screenshots[0]), full_page=True)
+
+    # A new upload empties the draft at once: no answer about the previous image beside the new one.
+    page.locator("#upload input[type=file]").set_input_files(str(ROOT / "assets" / "ct_axial.png"))
+    page.wait_for_function(
+        "() => document.querySelector('#answer textarea').value === '' && "
+        "document.querySelector('#answer-settings').innerText.trim() === '' && "
+        "!document.querySelector('#conversation').innerText.includes('Is there free fluid?')",
+        timeout=10_000,
+    )
+    assert not page.locator("#export-file a").count()
+    page.screenshot(path=str(screenshots[1]), full_page=True)
+
+    # The session's history brings the draft back, with its conversation.
+    page.locator("#history input").click()
+    page.locator("[data-testid='dropdown-option']").first.click()
+    page.locator("#restore").click()
+    page.wait_for_function(f"() => document.querySelector('#answer textarea').value === {draft!r}", timeout=30_000)
+    assert "How large is the liver?" in page.locator("#conversation").inner_text()
+    page.screenshot(path=str(screenshots[2]), full_page=True)
+    for screenshot in screenshots:
+        assert screenshot.stat().st_size > 10_000
+        print(f"screenshot: {screenshot}")
+    page.close()
+
+
+def test_a_new_upload_during_generation_stops_it_and_leaves_no_stale_text(browser, long_answer_app):
+    page = browser.new_page(viewport={"width": 1280, "height": 1100})
+    page.goto(long_answer_app.url)
+    page.locator("#disclaimer").wait_for(state="visible", timeout=60_000)
+    _start_long_generation(page, ROOT / "assets" / "mr_abdomen.png")
+    page.wait_for_function("() => document.querySelector('#answer textarea').value.length > 20", timeout=120_000)
+    page.locator("#upload input[type=file]").set_input_files(str(ROOT / "assets" / "ct_axial.png"))
+    page.wait_for_function("() => document.querySelector('#answer textarea').value === ''", timeout=10_000)
+    deadline = time.monotonic() + 30
+    while len(long_answer_app.stops) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(long_answer_app.stops) == 0, "the old study's generation should have been stopped"
+    time.sleep(1.0)  # anything the stopped generation still sent would show now
+    assert page.locator("#answer textarea").input_value() == ""
+    assert page.locator("#answer-settings").inner_text().strip() == ""
+    page.close()

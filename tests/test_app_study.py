@@ -68,9 +68,9 @@ def prompts(monkeypatch) -> list[dict]:
     seen: list[dict] = []
     build_inputs = radiology.generate.build_inputs
 
-    def spy(processor, image, instruction=None, context=None, prior=None):
+    def spy(processor, image, instruction=None, context=None, prior=None, dialogue=None):
         seen.append({"images": radiology.generate.study_images(image), "prior": prior})
-        return build_inputs(processor, image, instruction, context, prior)
+        return build_inputs(processor, image, instruction, context, prior, dialogue=dialogue)
 
     monkeypatch.setattr(radiology.generate, "build_inputs", spy)
     return seen
