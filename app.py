@@ -1,7 +1,7 @@
 """Radiology image description demo for clinicians (Gradio): upload an image, a study's views or a DICOM
 series (and a prior study to compare with), read the draft as it streams.
 
-    python app.py                                    # the embedded tiny model: meaningless text, for a first look
+    python app.py                                    # the embedded tiny model: random characters, for a first look
     python app.py --model runs/r1/merged             # a merged fine-tuned model (train.py's OUTPUT_DIR/merged)
     python app.py --model google/gemma-3-4b-pt --adapter runs/r1 --load_in_4bit
     python app.py --model runs/r1/merged --baseline google/gemma-3-4b-pt   # both answers side by side
@@ -71,6 +71,15 @@ from radiology.serve import (
     warm_up_on_gpu,
     window_choices,
 )
+from radiology.viewer import (
+    VIEWER_CSS,
+    VIEWER_JS,
+    ViewerSettings,
+    read_viewer,
+    reader_image,
+    slider_setup,
+    zoom_js,
+)
 
 logger = logging.getLogger("radiology.app")
 
@@ -83,9 +92,9 @@ DISCLAIMER = (
     "clinical decision."
 )
 PLACEHOLDER_NOTICE = (
-    "Demo model: the output is meaningless text. {reason}, so this page runs a tiny, randomly initialised "
-    "Gemma 3 that strings radiology words together at random. To serve a fine-tuned model, start the app "
-    "with --model FOLDER_OR_HUB_ID (or set RADIOLOGY_MODEL; add --adapter / RADIOLOGY_ADAPTER for a LoRA "
+    "Demo model: random weights, its output is random characters — start with --model to use a real one. "
+    "{reason}, so this page runs a tiny, randomly initialised Gemma 3. To serve a fine-tuned model, start the "
+    "app with --model FOLDER_OR_HUB_ID (or set RADIOLOGY_MODEL; add --adapter / RADIOLOGY_ADAPTER for a LoRA "
     "adapter): see the README, section Demo."
 )
 OUT_OF_MEMORY = (
@@ -278,13 +287,15 @@ def read_study_controls(series: object, max_images: object, first_slice: object,
 
 def read_study(
     upload: object, window: object, frame: object, prior: object, series: object, max_images: object,
-    first_slice: object, last_slice: object, render: bool = True,
+    first_slice: object, last_slice: object, render: bool = True, custom_window: tuple[float, float] | None = None,
 ) -> UploadedStudy:
     """The study a request's controls describe, every value checked (ControlError) and every file
-    read through serve.load_study (UploadError)."""
+    read through serve.load_study (UploadError). ``custom_window`` (checked by radiology.viewer's
+    read_viewer) replaces the DICOM window selector's."""
     paths = study_paths(upload)
     prior_path = upload_path(prior, "prior study")
     window, frame = read_view(window, frame)
+    window = custom_window if custom_window is not None else window
     controls = read_study_controls(series, max_images, first_slice, last_slice)
     return load_study(paths, window, frame, controls.series, controls.max_images, controls.first_slice,
                       controls.last_slice, prior_path, render=render)
@@ -365,13 +376,18 @@ def make_generate(
         max_images: object = DEFAULT_MAX_IMAGES,
         first_slice: object = None,
         last_slice: object = None,
+        window_center: object = None,
+        window_width: object = None,
+        send_window: object = False,
         request: gr.Request | None = None,
     ) -> Iterator[tuple[str, ...]]:
         try:
             settings = settings_from_ui(mode, temperature, top_p, top_k, max_new_tokens, seed, config.max_new_tokens)
             instruction = clean_instruction(instruction)
             context = clean_context(context)
-            study = read_study(upload, window, frame, prior, series, max_images, first_slice, last_slice)
+            viewer = read_viewer(window_center, window_width, send=send_window)
+            study = read_study(upload, window, frame, prior, series, max_images, first_slice, last_slice,
+                               custom_window=viewer.model_window)
         except ValueError as err:  # UploadError and ControlError are ValueErrors
             raise refuse(err, "generate") from None
         notes = _input_notes(study, context)
@@ -402,12 +418,13 @@ def make_generate(
 # --------------------------------------------------------------------------- preview
 
 
-def _banner_html(text: str, background: str, border: str, role: str = "note") -> str:
+def _banner_html(text: str, background: str, border: str, role: str = "note", css_class: str = "") -> str:
     style = (
         f"background:{background};border:2px solid {border};border-radius:8px;padding:12px 16px;"
         "color:#111;font-size:1.05em;line-height:1.45"
     )
-    return f'<div role="{role}" style="{style}">{html.escape(text)}</div>'
+    classes = f' class="{css_class}"' if css_class else ""
+    return f'<div role="{role}"{classes} style="{style}">{html.escape(text)}</div>'
 
 
 def _markdown_text(text: str) -> str:
@@ -459,6 +476,7 @@ class StudyView:
 def _view_study(
     upload: object, window: object, frame: object, prior: object, series: object, max_images: object,
     first_slice: object, last_slice: object, shown: object = None, render: bool = True, warn: bool = True,
+    custom_window: tuple[float, float] | None = None,
 ) -> StudyView:
     """The study for the input panel. A view that does not fit (a CT window on MR, a slice range
     beyond the series) gets a warning (unless ``warn`` is off: another event already gave it) and
@@ -466,7 +484,7 @@ def _view_study(
     warning = gr.Warning if warn else (lambda message: None)
     controls = (upload, window, frame, prior, series, max_images, first_slice, last_slice)
     try:
-        study = read_study(*controls, render=render)
+        study = read_study(*controls, render=render, custom_window=custom_window)
     except SeriesChoiceError as err:
         return StudyView(None, choices=err.choices, problem=str(err))
     except UploadOptionError as err:
@@ -551,38 +569,120 @@ def preview_upload(upload: object, window: object = AUTO_WINDOW) -> tuple[Any, .
 
 def show_new_study(upload: object, window: object, max_images: object, prior: object) -> tuple[Any, ...]:
     """After a new upload: the slider at the middle slice, the images sent, the series to choose
-    from; the series choice and the slice range of the previous upload are cleared."""
+    from; the series choice and the slice range of the previous upload are cleared; the viewer
+    starts again from the model's view (the window sliders at its window, not inverted, not sent)."""
     view = _view_study(upload, window, None, prior, None, max_images, None, None, warn=False)  # /preview warned
-    return (*_study_outputs(view, keep_series=False)[1:], None, None)
+    return (*_study_outputs(view, keep_series=False)[1:], None, None,
+            *_viewer_outputs(view, ViewerSettings(), None, follow=True), gr.Image(label=ViewerSettings().describe()))
+
+
+def _viewed(
+    controls: tuple[object, ...], shown: object, viewer: ViewerSettings, keep_series: bool, follow: bool,
+) -> tuple[Any, ...]:
+    """``_study_outputs`` for the study as the model gets it (the sliders' window when it is sent),
+    the preview replaced by the reader's view, then the viewer's outputs."""
+    view = _view_study(*controls, shown, custom_window=viewer.model_window)
+    outputs = list(_study_outputs(view, keep_series))
+    reader = _reader_view(controls, view, viewer)
+    # The label too: it says whether the preview is the model's view.
+    outputs[0] = reader if reader is not None else gr.Image(value=outputs[0], label=viewer.describe())
+    return (*outputs, *_viewer_outputs(view, viewer, reader, follow))
+
+
+def _reader_view(controls: tuple[object, ...], view: StudyView, viewer: ViewerSettings) -> Any:
+    """The preview as the reader set it (the sliders' window not sent, inverted), None where it is
+    the model's view. A window that does not fit the image (colour) is said, and the model's view shown."""
+    if view.study is None or not viewer.differs:
+        return None
+    image = view.study.item(view.shown).image
+    if viewer.reader_window is not None:
+        seen = _view_study(*controls, view.shown + 1, render=False, custom_window=viewer.reader_window)
+        if seen.study is not None and not seen.fell_back:
+            image = seen.study.item(seen.shown).image
+    return gr.Image(value=reader_image(image, viewer.invert), label=viewer.describe())
+
+
+def _viewer_outputs(view: StudyView, viewer: ViewerSettings, reader: Any, follow: bool) -> tuple[Any, ...]:
+    """Values for (model's view, window center, window width, invert, send, viewer controls,
+    adjusted): the model's view beside the preview when they differ; with ``follow`` the window
+    sliders take the shown image's window and range (after a new upload or a window choice)."""
+    item = view.study.item(view.shown) if view.study is not None else None
+    if reader is not None and item is not None:
+        model_view = gr.Image(value=item.image, visible=True)
+    else:
+        model_view = gr.Image(value=None, visible=False)
+    setup = slider_setup(item.dicom if item is not None else None)
+    if follow and setup is not None:
+        center = gr.Slider(minimum=setup.center_range[0], maximum=setup.center_range[1], value=setup.center)
+        width = gr.Slider(minimum=setup.width_range[0], maximum=setup.width_range[1], value=setup.width)
+    else:
+        center = width = gr.skip()
+    controls = gr.Group(visible=setup is not None)
+    return model_view, center, width, viewer.invert, viewer.send, controls, viewer.adjusted
 
 
 def show_study(
     upload: object, window: object, frame: object, prior: object, series: object, max_images: object,
-    first_slice: object, last_slice: object, shown: object,
+    first_slice: object, last_slice: object, shown: object, center: object = None, width: object = None,
+    invert: object = False, send: object = False, adjusted: object = False,
 ) -> tuple[Any, ...]:
-    """The study again after a control changed (window, series, max images, slice range, prior)."""
-    view = _view_study(upload, window, frame, prior, series, max_images, first_slice, last_slice, shown)
-    return _study_outputs(view, keep_series=True)
+    """The study again after a control changed (series, max images, slice range, prior); the
+    viewer's settings stay, and the sliders follow the image's window until the reader moves them."""
+    viewer = read_viewer(center, width, invert, send, adjusted)
+    controls = (upload, window, frame, prior, series, max_images, first_slice, last_slice)
+    return _viewed(controls, shown, viewer, keep_series=True, follow=not (viewer.adjusted or viewer.send))
+
+
+def show_window_choice(
+    upload: object, window: object, frame: object, prior: object, series: object, max_images: object,
+    first_slice: object, last_slice: object, shown: object, center: object = None, width: object = None,
+    invert: object = False, send: object = False, adjusted: object = False,
+) -> tuple[Any, ...]:
+    """A DICOM window chosen from the selector: the model gets it (the sliders' window is no longer
+    sent) and the sliders move to it."""
+    viewer = dataclasses.replace(read_viewer(center, width, invert, send, adjusted), send=False, adjusted=False)
+    controls = (upload, window, frame, prior, series, max_images, first_slice, last_slice)
+    return _viewed(controls, shown, viewer, keep_series=True, follow=True)
+
+
+def show_adjusted_window(
+    upload: object, window: object, frame: object, prior: object, series: object, max_images: object,
+    first_slice: object, last_slice: object, shown: object, center: object = None, width: object = None,
+    invert: object = False, send: object = False, adjusted: object = False,
+) -> tuple[Any, ...]:
+    """The reader moved a window slider: the preview shows the sliders' window (and the model gets
+    it too where it is sent)."""
+    viewer = dataclasses.replace(read_viewer(center, width, invert, send, adjusted), adjusted=True)
+    controls = (upload, window, frame, prior, series, max_images, first_slice, last_slice)
+    return _viewed(controls, shown, viewer, keep_series=True, follow=False)
 
 
 def show_slice(
     upload: object, window: object, frame: object, prior: object, series: object, max_images: object,
-    first_slice: object, last_slice: object, shown: object,
+    first_slice: object, last_slice: object, shown: object, center: object = None, width: object = None,
+    invert: object = False, send: object = False, adjusted: object = False,
 ) -> tuple[Any, ...]:
-    """The slice the slider points at, as the model would get it, and whether it is sent."""
-    view = _view_study(upload, window, frame, None, series, max_images, first_slice, last_slice, shown,
-                       render=False)
+    """The slice the slider points at, as the reader set the viewer, beside it as the model would
+    get it where they differ, and whether it is sent."""
+    viewer = read_viewer(center, width, invert, send, adjusted)
+    controls = (upload, window, frame, None, series, max_images, first_slice, last_slice)
+    view = _view_study(*controls, shown, render=False, custom_window=viewer.model_window)
     if view.study is None:
-        return gr.skip(), gr.skip()
+        return gr.skip(), gr.skip(), gr.skip()
     image = view.study.item(view.shown).image
-    return image, gr.Slider(label=_slice_label(view.study, view.shown + 1))
+    reader = _reader_view(controls, view, viewer)
+    model_view = gr.Image(value=image, visible=True) if reader is not None else gr.Image(value=None, visible=False)
+    preview = reader if reader is not None else gr.Image(value=image, label=viewer.describe())
+    return preview, gr.Slider(label=_slice_label(view.study, view.shown + 1)), \
+        model_view
 
 
 # --------------------------------------------------------------------------- UI
 
 
 def _banner(text: str, elem_id: str, background: str, border: str) -> gr.HTML:
-    return gr.HTML(_banner_html(text, background, border), elem_id=elem_id)
+    # top-banner: one line once read (radiology.viewer's page code and CSS); a tap opens it again.
+    return gr.HTML(_banner_html(text, background, border, css_class="top-banner"), elem_id=elem_id)
 
 
 def _banners(served: DemoModel) -> None:
@@ -621,6 +721,7 @@ class InputPanel:
     first_slice: gr.Number
     last_slice: gr.Number
     prior: gr.File
+    viewer: ViewerControls
 
     def preview_outputs(self) -> list[gr.components.Component]:
         """In the order of ``preview_upload``'s values (the /preview API's outputs)."""
@@ -633,11 +734,38 @@ class InputPanel:
     def study_inputs(self) -> list[gr.components.Component]:
         """In the order of ``show_study``'s (and ``show_slice``'s) parameters."""
         return [self.upload, self.window, self.frame, self.prior, self.series, self.max_images, self.first_slice,
-                self.last_slice, self.slice]
+                self.last_slice, self.slice, *self.viewer.inputs()]
 
     def generate_inputs(self) -> list[gr.components.Component]:
-        """The study's inputs of Generate, after the window and frame (their order in the API)."""
-        return [self.prior, self.series, self.max_images, self.first_slice, self.last_slice]
+        """The study's inputs of Generate, after the window and frame (their order in the API), then
+        the viewer's window and whether it is sent."""
+        return [self.prior, self.series, self.max_images, self.first_slice, self.last_slice, self.viewer.center,
+                self.viewer.width, self.viewer.send]
+
+
+@dataclass
+class ViewerControls:
+    """The preview's viewer: the model's view beside a reader's view that differs, zoom buttons
+    (page code only), and for grayscale DICOM the window sliders, invert and send."""
+
+    model_view: gr.Image
+    center: gr.Slider
+    width: gr.Slider
+    invert: gr.Checkbox
+    send: gr.Checkbox
+    group: gr.Group
+    adjusted: gr.Checkbox  # the reader moved a window slider since the last upload or window choice
+    zoom_in: gr.Button
+    zoom_out: gr.Button
+    zoom_reset: gr.Button
+
+    def inputs(self) -> list[gr.components.Component]:
+        """In the order of the viewer parameters of ``show_study`` and ``show_slice``."""
+        return [self.center, self.width, self.invert, self.send, self.adjusted]
+
+    def outputs(self) -> list[gr.components.Component]:
+        """In the order of ``_viewer_outputs``'s values."""
+        return [self.model_view, self.center, self.width, self.invert, self.send, self.group, self.adjusted]
 
 
 def _input_panel() -> InputPanel:
@@ -648,8 +776,16 @@ def _input_panel() -> InputPanel:
                      elem_id="upload")
     burned_in = gr.HTML("", visible=False, elem_id="burned-in-warning")
     # No Share button: it would post a patient's image to a public discussion page.
-    preview = gr.Image(label="What the model sees", type="pil", format="png", interactive=False, height=320,
-                       buttons=["download", "fullscreen"], elem_id="preview")
+    with gr.Row(equal_height=True):
+        preview = gr.Image(label=ViewerSettings().describe(), type="pil", format="png", interactive=False,
+                           height=320, buttons=["download", "fullscreen"], elem_id="preview", scale=2)
+        # Beside the preview while the reader's view differs from what the model gets.
+        model_view = gr.Image(label="What the model gets", type="pil", format="png", interactive=False, height=320,
+                              buttons=["fullscreen"], visible=False, elem_id="model-view", scale=1)
+    with gr.Row(elem_id="viewer-zoom"):
+        zoom_in = gr.Button("Zoom in", size="sm", elem_id="zoom-in")
+        zoom_out = gr.Button("Zoom out", size="sm", elem_id="zoom-out")
+        zoom_reset = gr.Button("Reset zoom", size="sm", elem_id="zoom-reset")
     # Several images (a series, views): a slider over all of them, and the ones the model gets.
     slider = gr.Slider(minimum=1, maximum=2, value=1, step=1, label="Slice", visible=False, elem_id="slice")
     sent = gr.Gallery(label="Sent to the model, in order", visible=False, columns=8, height=150, format="png",
@@ -662,6 +798,19 @@ def _input_panel() -> InputPanel:
         series = gr.Dropdown(choices=[], value=None, label="Series", visible=False, elem_id="series")
         # One frame of a multi-frame file, for API callers; the page steps through frames with the slider.
         frame = gr.Number(value=None, precision=0, label="Frame", visible=False, elem_id="frame")
+    # Grayscale DICOM only: the reader's window (ranges set per image), shown once such a file is uploaded.
+    with gr.Group(visible=False, elem_id="viewer-window") as viewer_group:
+        with gr.Row():
+            center = gr.Slider(-1024, 3071, value=40, step=1, label="Window center (level)", elem_id="window-center")
+            width = gr.Slider(1, 4096, value=400, step=1, label="Window width", elem_id="window-width")
+        with gr.Row():
+            invert = gr.Checkbox(False, label="Invert (viewing only)", elem_id="invert")
+            send = gr.Checkbox(False, label="Send this window to the model", elem_id="send-window")
+    # Whether the reader moved a window slider since the last upload or window choice (a hidden
+    # checkbox: the page keeps it per tab, as it keeps the other controls).
+    adjusted = gr.Checkbox(False, visible=False, label="Window adjusted", elem_id="window-adjusted")
+    viewer = ViewerControls(model_view, center, width, invert, send, viewer_group, adjusted, zoom_in, zoom_out,
+                            zoom_reset)
     dicom_summary = gr.Markdown(visible=False, elem_id="dicom-attributes")
     with gr.Accordion("Study: images sent, prior study", open=True):
         with gr.Row():
@@ -675,7 +824,28 @@ def _input_panel() -> InputPanel:
         prior = gr.File(label="Prior study (optional): one earlier image or DICOM file, placed first for comparison",
                         file_count="single", file_types=list(UPLOAD_SUFFIXES), type="filepath", elem_id="prior")
     return InputPanel(upload, preview, burned_in, window, frame, dicom_summary, slider, sent, series, max_images,
-                      first_slice, last_slice, prior)
+                      first_slice, last_slice, prior, viewer)
+
+
+def _wire_viewer(panel: InputPanel, previews: dict[str, Any]) -> None:
+    """The events of a person changing the view: the study's controls, the slice slider, the
+    viewer's window, invert and send, and the zoom buttons (page code only, no request)."""
+    outputs = panel.study_outputs() + panel.viewer.outputs()
+    options = dict(api_visibility="private", trigger_mode="always_last", **previews)
+    # (select: a dropdown choice fires input twice.)
+    panel.window.select(_refusing("preview", show_window_choice), panel.study_inputs(), outputs, **options)
+    for event in (panel.series.select, panel.max_images.release, panel.first_slice.input, panel.last_slice.input,
+                  panel.prior.change, panel.viewer.invert.input, panel.viewer.send.input):
+        event(_refusing("preview", show_study), panel.study_inputs(), outputs, **options)
+    for slider in (panel.viewer.center, panel.viewer.width):
+        slider.release(_refusing("preview", show_adjusted_window), panel.study_inputs(), outputs, **options)
+    panel.slice.input(_refusing("preview", show_slice), panel.study_inputs(),
+                      [panel.preview, panel.slice, panel.viewer.model_view], **options)
+    for button, action in ((panel.viewer.zoom_in, "in"), (panel.viewer.zoom_out, "out"),
+                           (panel.viewer.zoom_reset, "reset")):
+        button.click(None, None, None, js=zoom_js(action), api_visibility="private", queue=False)
+    # A new upload starts at the whole image.
+    panel.upload.upload(None, None, None, js=zoom_js("reset"), api_visibility="private", queue=False)
 
 
 def _examples_gallery(upload: gr.File) -> None:
@@ -795,7 +965,8 @@ def build_demo(served: DemoModel, config: AppConfig | None = None, stops: StopRe
                                      placeholder="e.g. 58-year-old smoker, cough for 3 weeks",
                                      max_length=MAX_CONTEXT_CHARS, elem_id="context")
                 decoding = _decoding_controls(config)
-                with gr.Row():
+                # (On phones this row stays at the bottom of the screen: radiology.viewer's CSS.)
+                with gr.Row(elem_id="generate-row"):
                     generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
                 if served.baseline is None:
@@ -819,15 +990,10 @@ def build_demo(served: DemoModel, config: AppConfig | None = None, stops: StopRe
                                        panel.preview_outputs(), api_name="preview", **previews)
         uploaded.then(_refusing("preview", show_new_study),
                       [panel.upload, panel.window, panel.max_images, panel.prior],
-                      panel.study_outputs()[1:] + [panel.first_slice, panel.last_slice], api_visibility="private",
-                      **previews)
-        # A person changing the view (select: a dropdown choice fires input twice).
-        for event in (panel.window.select, panel.series.select, panel.max_images.release, panel.first_slice.input,
-                      panel.last_slice.input, panel.prior.change):
-            event(_refusing("preview", show_study), panel.study_inputs(), panel.study_outputs(),
-                  api_visibility="private", trigger_mode="always_last", **previews)
-        panel.slice.input(_refusing("preview", show_slice), panel.study_inputs(), [panel.preview, panel.slice],
-                          api_visibility="private", trigger_mode="always_last", **previews)
+                      panel.study_outputs()[1:] + [panel.first_slice, panel.last_slice] + panel.viewer.outputs()
+                      + [panel.preview],
+                      api_visibility="private", **previews)
+        _wire_viewer(panel, previews)
         generate_inputs = [panel.upload, instruction, *decoding.inputs(), context, panel.window, panel.frame,
                            *panel.generate_inputs()]
         # Values the API took before studies: the rest may be left out of a request (their defaults).
@@ -871,6 +1037,9 @@ def launch(demo: gr.Blocks, config: AppConfig, **overrides: Any) -> Any:
         max_file_size=config.max_file_size,
         # The example images alone, not the whole folder (its script and notes are no one's business).
         allowed_paths=[example["path"] for example in load_examples()],
+        # The viewer's zoom and pan, the banners that collapse once read, the phone layout.
+        css=VIEWER_CSS,
+        js=VIEWER_JS,
     )
     return demo.launch(**{**options, **overrides})
 
@@ -890,7 +1059,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {config.model} could not be loaded: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
     if served.placeholder:
-        logger.warning("serving the tiny demo model (%s): its output is meaningless", served.reason)
+        logger.warning("serving the tiny demo model (%s): random weights, its output is random characters", served.reason)
     for role, loaded in zip(("model", "baseline"), served.models):
         logger.info("%s: %s, %s on %s", role, loaded.name, loaded.precision, loaded.device)
         seconds = warm_up_on_gpu(loaded)  # CUDA only: the first user would otherwise wait for graph capture
