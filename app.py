@@ -844,8 +844,8 @@ def _wire_viewer(panel: InputPanel, previews: dict[str, Any]) -> None:
     for button, action in ((panel.viewer.zoom_in, "in"), (panel.viewer.zoom_out, "out"),
                            (panel.viewer.zoom_reset, "reset")):
         button.click(None, None, None, js=zoom_js(action), api_visibility="private", queue=False)
-    # A new upload starts at the whole image.
-    panel.upload.upload(None, None, None, js=zoom_js("reset"), api_visibility="private", queue=False)
+    # A new upload (or example) starts at the whole image.
+    panel.upload.change(None, None, None, js=zoom_js("reset"), api_visibility="private", queue=False)
 
 
 def _examples_gallery(upload: gr.File) -> None:

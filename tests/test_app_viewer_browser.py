@@ -64,6 +64,11 @@ def test_zoom_and_pan_the_preview_small_images_scaled_up(browser, app_server, tm
     page.locator("#zoom-reset").click()
     page.wait_for_function("() => document.querySelector('#preview').dataset.zoom === '1.00'", timeout=10_000)
     assert image.bounding_box() == pytest.approx(whole)
+    # A new upload (here an example) starts at the whole image.
+    page.locator("#zoom-in").click()
+    page.wait_for_function("() => document.querySelector('#preview').dataset.zoom === '1.50'", timeout=10_000)
+    page.locator("#examples img").first.click()
+    page.wait_for_function("() => document.querySelector('#preview').dataset.zoom === '1.00'", timeout=30_000)
     page.close()
 
 
@@ -84,6 +89,9 @@ def test_window_sliders_invert_and_sending_the_window(browser, app_server, tmp_p
     _src_changes(page, "#preview img", before)
     page.locator("#model-view img").wait_for(state="visible", timeout=30_000)
     windowed = page.locator("#preview img").get_attribute("src")
+    beside = tmp_path / "viewer-beside.png"
+    page.screenshot(path=str(beside), full_page=True)
+    print(f"screenshot: {beside}")
 
     # Invert: the reader's view only.
     page.locator("#invert input").check()
