@@ -1,7 +1,7 @@
 """Radiology image description demo for clinicians (Gradio): upload an image, a study's views or a DICOM
 series (and a prior study to compare with), read the draft as it streams.
 
-    python app.py                                    # the embedded tiny model: meaningless text, for a first look
+    python app.py                                    # the embedded tiny model: random characters, for a first look
     python app.py --model runs/r1/merged             # a merged fine-tuned model (train.py's OUTPUT_DIR/merged)
     python app.py --model google/gemma-3-4b-pt --adapter runs/r1 --load_in_4bit
     python app.py --model runs/r1/merged --baseline google/gemma-3-4b-pt   # both answers side by side
@@ -106,6 +106,16 @@ from radiology.serve import (
     warm_up_on_gpu,
     window_choices,
 )
+from radiology.viewer import (
+    VIEWER_CSS,
+    VIEWER_JS,
+    SliderSetup,
+    ViewerSettings,
+    read_viewer,
+    reader_image,
+    slider_setup,
+    zoom_js,
+)
 
 logger = logging.getLogger("radiology.app")
 
@@ -118,9 +128,9 @@ DISCLAIMER = (
     "clinical decision."
 )
 PLACEHOLDER_NOTICE = (
-    "Demo model: the output is meaningless text. {reason}, so this page runs a tiny, randomly initialised "
-    "Gemma 3 that strings radiology words together at random. To serve a fine-tuned model, start the app "
-    "with --model FOLDER_OR_HUB_ID (or set RADIOLOGY_MODEL; add --adapter / RADIOLOGY_ADAPTER for a LoRA "
+    "Demo model: random weights, its output is random characters — start with --model to use a real one. "
+    "{reason}, so this page runs a tiny, randomly initialised Gemma 3. To serve a fine-tuned model, start the "
+    "app with --model FOLDER_OR_HUB_ID (or set RADIOLOGY_MODEL; add --adapter / RADIOLOGY_ADAPTER for a LoRA "
     "adapter): see the README, section Demo."
 )
 OUT_OF_MEMORY = (
@@ -379,13 +389,15 @@ def read_study_controls(series: object, max_images: object, first_slice: object,
 
 def read_study(
     upload: object, window: object, frame: object, prior: object, series: object, max_images: object,
-    first_slice: object, last_slice: object, render: bool = True,
+    first_slice: object, last_slice: object, render: bool = True, custom_window: tuple[float, float] | None = None,
 ) -> UploadedStudy:
     """The study a request's controls describe, every value checked (ControlError) and every file
-    read through serve.load_study (UploadError)."""
+    read through serve.load_study (UploadError). ``custom_window`` (checked by radiology.viewer's
+    read_viewer) replaces the DICOM window selector's."""
     paths = study_paths(upload)
     prior_path = upload_path(prior, "prior study")
     window, frame = read_view(window, frame)
+    window = custom_window if custom_window is not None else window
     controls = read_study_controls(series, max_images, first_slice, last_slice)
     return load_study(paths, window, frame, controls.series, controls.max_images, controls.first_slice,
                       controls.last_slice, prior_path, render=render)
@@ -522,13 +534,18 @@ def make_generate(
         max_images: object = DEFAULT_MAX_IMAGES,
         first_slice: object = None,
         last_slice: object = None,
+        window_center: object = None,
+        window_width: object = None,
+        send_window: object = False,
         request: gr.Request | None = None,
     ) -> Iterator[tuple[Any, ...]]:
         try:
             settings = settings_from_ui(mode, temperature, top_p, top_k, max_new_tokens, seed, config.max_new_tokens)
             instruction = clean_instruction(instruction, default=default_instruction)
             context = clean_context(context)
-            study = read_study(upload, window, frame, prior, series, max_images, first_slice, last_slice)
+            viewer = read_viewer(window_center, window_width, send=send_window)
+            study = read_study(upload, window, frame, prior, series, max_images, first_slice, last_slice,
+                               custom_window=viewer.model_window)
         except ValueError as err:  # UploadError and ControlError are ValueErrors
             raise refuse(err, "generate") from None
         notes = _input_notes(study, context)
@@ -627,12 +644,13 @@ def export_draft(draft: Draft | None) -> Iterator[str]:
 # --------------------------------------------------------------------------- preview
 
 
-def _banner_html(text: str, background: str, border: str, role: str = "note") -> str:
+def _banner_html(text: str, background: str, border: str, role: str = "note", css_class: str = "") -> str:
     style = (
         f"background:{background};border:2px solid {border};border-radius:8px;padding:12px 16px;"
         "color:#111;font-size:1.05em;line-height:1.45"
     )
-    return f'<div role="{role}" style="{style}">{html.escape(text)}</div>'
+    classes = f' class="{css_class}"' if css_class else ""
+    return f'<div role="{role}"{classes} style="{style}">{html.escape(text)}</div>'
 
 
 def _markdown_text(text: str) -> str:
@@ -685,6 +703,7 @@ class StudyView:
 def _view_study(
     upload: object, window: object, frame: object, prior: object, series: object, max_images: object,
     first_slice: object, last_slice: object, shown: object = None, render: bool = True, warn: bool = True,
+    custom_window: tuple[float, float] | None = None,
 ) -> StudyView:
     """The study for the input panel. A view that does not fit (a CT window on MR, a slice range
     beyond the series) gets a warning (unless ``warn`` is off: another event already gave it) and
@@ -692,7 +711,7 @@ def _view_study(
     warning = gr.Warning if warn else (lambda message: None)
     controls = (upload, window, frame, prior, series, max_images, first_slice, last_slice)
     try:
-        study = read_study(*controls, render=render)
+        study = read_study(*controls, render=render, custom_window=custom_window)
     except SeriesChoiceError as err:
         return StudyView(None, choices=err.choices, problem=str(err))
     except UploadOptionError as err:
@@ -780,27 +799,32 @@ def preview_upload(upload: object, window: object = AUTO_WINDOW) -> tuple[Any, .
     return _view_outputs(_view_study(upload, window, None, None, None, None, None, None, render=False))
 
 
-StudyKey = tuple[tuple[str, ...], str | None, int | None, str | None, StudyControls]
+StudyKey = tuple[tuple[str, ...], str | None, int | None, str | None, StudyControls, tuple[float, float] | None]
 
 
 def study_key(
     upload: object, window: object, frame: object, prior: object, series: object, max_images: object,
-    first_slice: object, last_slice: object,
+    first_slice: object, last_slice: object, custom_window: tuple[float, float] | None = None,
 ) -> StudyKey:
-    """What the study controls ask for, checked (ControlError) and in one form (an empty number box
-    and no value alike): two requests with equal keys describe the same study."""
+    """What the study controls ask for (with ``custom_window``, the viewer's window sent to the model),
+    checked (ControlError) and in one form (an empty number box and no value alike): two requests
+    with equal keys describe the same study as the model gets it."""
     window_name, frame_number = read_view(window, frame)
     return (tuple(study_paths(upload)), window_name, frame_number, upload_path(prior, "prior study"),
-            read_study_controls(series, max_images, first_slice, last_slice))
+            read_study_controls(series, max_images, first_slice, last_slice), custom_window)
 
 
 def show_new_study(upload: object, window: object, max_images: object, prior: object) -> tuple[Any, ...]:
     """After a new upload: the slider at the middle slice, the images sent, the series to choose
-    from; the series choice and the slice range of the previous upload are cleared. The last value
-    is the study now on the page (``show_view``'s state)."""
+    from; the series choice and the slice range of the previous upload are cleared; the viewer
+    starts again from the model's view (the window sliders at its window, not inverted, not sent).
+    The last value is what the panel now shows (``show_view``'s state)."""
     view = _view_study(upload, window, None, prior, None, max_images, None, None, warn=False)  # /preview warned
-    on_page = study_key(upload, window, None, prior, None, max_images, None, None) if _settled(view) else None
-    return (*_study_outputs(view, keep_series=False)[1:], None, None, on_page)
+    viewer = ViewerSettings()
+    key = study_key(upload, window, None, prior, None, max_images, None, None) if _settled(view) else None
+    on_page = OnPage(key, None if view.fell_back else read_view(window, None)[0], _slider_values(view, viewer, True))
+    return (*_study_outputs(view, keep_series=False)[1:], None, None,
+            *_viewer_outputs(view, viewer, None, follow=True, reset=True), gr.Image(label=viewer.describe()), on_page)
 
 
 def _settled(view: StudyView) -> bool:
@@ -808,32 +832,127 @@ def _settled(view: StudyView) -> bool:
     return view.study is not None and not view.fell_back
 
 
+@dataclass(frozen=True)
+class OnPage:
+    """What the input panel shows, as the last view event (or upload) left it: ``show_view``'s state.
+    One event serves every control and Gradio runs it once more, with the page's values then, for
+    triggers that came while it ran (always_last): which control changed is told from this, not
+    from the trigger."""
+
+    study: StudyKey | None  # the study shown (study_key); None: not the one asked for, render it whole
+    window: str | None  # the DICOM window selector's value (read_view's: None for auto)
+    sliders: tuple[float, float] | None  # the window sliders' (center, width); None: not known
+
+
+def _reader_view(controls: tuple[object, ...], view: StudyView, viewer: ViewerSettings) -> Any:
+    """The preview as the reader set it (the sliders' window not sent, inverted), None where it is
+    the model's view. A window that does not fit the image (colour) is said, and the model's view shown."""
+    if view.study is None or not viewer.differs:
+        return None
+    image = view.study.item(view.shown).image
+    if viewer.reader_window is not None:
+        seen = _view_study(*controls, view.shown + 1, render=False, custom_window=viewer.reader_window)
+        if seen.study is not None and not seen.fell_back:
+            image = seen.study.item(seen.shown).image
+    return gr.Image(value=reader_image(image, viewer.invert), label=viewer.describe())
+
+
+def _slider_setup(view: StudyView) -> SliderSetup | None:
+    """The window sliders for the image shown (None: no image, or one no window applies to)."""
+    return slider_setup(view.study.item(view.shown).dicom) if view.study is not None else None
+
+
+def _slider_values(view: StudyView, viewer: ViewerSettings, follow: bool) -> tuple[float, float] | None:
+    """The window sliders' (center, width) once ``_viewer_outputs`` is on the page."""
+    setup = _slider_setup(view)
+    if follow and setup is not None:
+        return setup.center, setup.width
+    return viewer.custom_window
+
+
+def _model_view(view: StudyView, reader: Any) -> Any:
+    """The model's view beside the preview while the reader's view differs from it, else hidden."""
+    if reader is None or view.study is None:
+        return gr.Image(value=None, visible=False)
+    return gr.Image(value=view.study.item(view.shown).image, visible=True)
+
+
+def _viewer_outputs(view: StudyView, viewer: ViewerSettings, reader: Any, follow: bool,
+                    reset: bool = False) -> tuple[Any, ...]:
+    """Values for (model's view, window center, window width, invert, send, viewer controls,
+    adjusted): the model's view beside the preview when they differ; with ``follow`` the window
+    sliders take the shown image's window and range (after a new upload or a window choice). Invert
+    and send are written only with ``reset`` (a new upload, a window choice): written back from a
+    request, they would undo a click made while it ran."""
+    setup = _slider_setup(view)
+    if follow and setup is not None:
+        center = gr.Slider(minimum=setup.center_range[0], maximum=setup.center_range[1], value=setup.center)
+        width = gr.Slider(minimum=setup.width_range[0], maximum=setup.width_range[1], value=setup.width)
+    else:
+        center = width = gr.skip()
+    flags = (viewer.invert, viewer.send) if reset else (gr.skip(), gr.skip())
+    return (_model_view(view, reader), center, width, *flags, gr.Group(visible=setup is not None), viewer.adjusted)
+
+
+def _what_changed(window: str | None, viewer: ViewerSettings, on_page: OnPage | None) -> tuple[ViewerSettings, bool]:
+    """The viewer as the person's last change leaves it, and whether that change was a window picked
+    from the selector (then the model gets that window, the sliders' is no longer sent, and the
+    sliders move to it). A window slider moved: the preview shows the sliders' window (the model gets
+    it too where it is sent), and the sliders no longer follow the image's window."""
+    if on_page is None:
+        return viewer, False
+    if window != on_page.window:
+        return dataclasses.replace(viewer, send=False, adjusted=False), True
+    if on_page.sliders is not None and viewer.custom_window != on_page.sliders:
+        return dataclasses.replace(viewer, adjusted=True), False
+    return viewer, False
+
+
 def show_view(
     upload: object, window: object, frame: object, prior: object, series: object, max_images: object,
-    first_slice: object, last_slice: object, shown: object, on_page: StudyKey | None,
+    first_slice: object, last_slice: object, shown: object, center: object = None, width: object = None,
+    invert: object = False, send: object = False, adjusted: object = False, on_page: OnPage | None = None,
 ) -> tuple[Any, ...]:
-    """The input panel after a study control (window, series, max images, slice range, prior) or the
-    slice slider changed: ``_study_outputs``' values, then the study now on the page (this event's
-    state). When the controls still describe ``on_page``, only the slice the slider points at is
-    rendered (stepping through a series stays quick); otherwise the whole study is."""
-    key = study_key(upload, window, frame, prior, series, max_images, first_slice, last_slice)
-    if key != on_page:
-        view = _view_study(upload, window, frame, prior, series, max_images, first_slice, last_slice, shown)
-        return (*_study_outputs(view, keep_series=True), key if _settled(view) else None)
-    view = _view_study(upload, window, frame, None, series, max_images, first_slice, last_slice, shown, render=False)
+    """The input panel after a study control (window, series, max images, slice range, prior), the
+    slice slider or the viewer (window sliders, invert, send) changed: ``_study_outputs``' values
+    (the preview as the reader set the viewer), ``_viewer_outputs``', then what the panel now shows
+    (this event's state). When the study as the model gets it is still ``on_page``'s, only the slice
+    the slider points at is rendered (stepping through a series, or a window not sent, stays quick);
+    otherwise the whole study is, and the sliders follow the image's window until the reader moves them."""
+    chosen = read_view(window, frame)[0]
+    viewer, picked = _what_changed(chosen, read_viewer(center, width, invert, send, adjusted), on_page)
+    controls = (upload, window, frame, prior, series, max_images, first_slice, last_slice)
+    key = study_key(*controls, custom_window=viewer.model_window)
+    if on_page is None or key != on_page.study:
+        follow = picked or not (viewer.adjusted or viewer.send)
+        view = _view_study(*controls, shown, custom_window=viewer.model_window)
+        outputs = list(_study_outputs(view, keep_series=True))
+        reader = _reader_view(controls, view, viewer)
+        # The label too: it says whether the preview is the model's view.
+        outputs[0] = reader if reader is not None else gr.Image(value=outputs[0], label=viewer.describe())
+        now = OnPage(key if _settled(view) else None, None if view.fell_back else chosen,
+                     _slider_values(view, viewer, follow))
+        return (*outputs, *_viewer_outputs(view, viewer, reader, follow, reset=picked), now)
+    controls = (upload, window, frame, None, series, max_images, first_slice, last_slice)
+    view = _view_study(*controls, shown, render=False, custom_window=viewer.model_window)
     if view.study is None:
-        return (gr.skip(),) * 9
+        return (gr.skip(),) * 16
     number = view.shown + 1
     slider = gr.Slider(label=_slice_label(view.study, number), **({"value": number} if view.moved else {}))
-    # The preview and the slider; the rest of the panel already shows this study.
-    return (view.study.item(view.shown).image, *(gr.skip(),) * 4, slider, gr.skip(), gr.skip(), gr.skip())
+    reader = _reader_view(controls, view, viewer)
+    preview = reader if reader is not None else gr.Image(value=view.study.item(view.shown).image,
+                                                         label=viewer.describe())
+    # The preview, the slider and the model's view; the rest of the panel already shows this study.
+    return (preview, *(gr.skip(),) * 4, slider, gr.skip(), gr.skip(), _model_view(view, reader),
+            *(gr.skip(),) * 5, viewer.adjusted, OnPage(on_page.study, chosen, viewer.custom_window))
 
 
 # --------------------------------------------------------------------------- UI
 
 
 def _banner(text: str, elem_id: str, background: str, border: str) -> gr.HTML:
-    return gr.HTML(_banner_html(text, background, border), elem_id=elem_id)
+    # top-banner: one line once read (radiology.viewer's page code and CSS); a tap opens it again.
+    return gr.HTML(_banner_html(text, background, border, css_class="top-banner"), elem_id=elem_id)
 
 
 def server_notice(served: DemoModel) -> Any:
@@ -887,6 +1006,7 @@ class InputPanel:
     first_slice: gr.Number
     last_slice: gr.Number
     prior: gr.File
+    viewer: ViewerControls
 
     def preview_outputs(self) -> list[gr.components.Component]:
         """In the order of ``preview_upload``'s values (the /preview API's outputs)."""
@@ -899,11 +1019,38 @@ class InputPanel:
     def study_inputs(self) -> list[gr.components.Component]:
         """In the order of ``show_view``'s parameters (before its state)."""
         return [self.upload, self.window, self.frame, self.prior, self.series, self.max_images, self.first_slice,
-                self.last_slice, self.slice]
+                self.last_slice, self.slice, *self.viewer.inputs()]
 
     def generate_inputs(self) -> list[gr.components.Component]:
-        """The study's inputs of Generate, after the window and frame (their order in the API)."""
-        return [self.prior, self.series, self.max_images, self.first_slice, self.last_slice]
+        """The study's inputs of Generate, after the window and frame (their order in the API), then
+        the viewer's window and whether it is sent."""
+        return [self.prior, self.series, self.max_images, self.first_slice, self.last_slice, self.viewer.center,
+                self.viewer.width, self.viewer.send]
+
+
+@dataclass
+class ViewerControls:
+    """The preview's viewer: the model's view beside a reader's view that differs, zoom buttons
+    (page code only), and for grayscale DICOM the window sliders, invert and send."""
+
+    model_view: gr.Image
+    center: gr.Slider
+    width: gr.Slider
+    invert: gr.Checkbox
+    send: gr.Checkbox
+    group: gr.Group
+    adjusted: gr.Checkbox  # the reader moved a window slider since the last upload or window choice
+    zoom_in: gr.Button
+    zoom_out: gr.Button
+    zoom_reset: gr.Button
+
+    def inputs(self) -> list[gr.components.Component]:
+        """In the order of the viewer parameters of ``show_view``."""
+        return [self.center, self.width, self.invert, self.send, self.adjusted]
+
+    def outputs(self) -> list[gr.components.Component]:
+        """In the order of ``_viewer_outputs``'s values."""
+        return [self.model_view, self.center, self.width, self.invert, self.send, self.group, self.adjusted]
 
 
 def _input_panel() -> InputPanel:
@@ -914,8 +1061,16 @@ def _input_panel() -> InputPanel:
                      elem_id="upload")
     burned_in = gr.HTML("", visible=False, elem_id="burned-in-warning")
     # No Share button: it would post a patient's image to a public discussion page.
-    preview = gr.Image(label="What the model sees", type="pil", format="png", interactive=False, height=320,
-                       buttons=["download", "fullscreen"], elem_id="preview")
+    with gr.Row(equal_height=True):
+        preview = gr.Image(label=ViewerSettings().describe(), type="pil", format="png", interactive=False,
+                           height=320, buttons=["download", "fullscreen"], elem_id="preview", scale=2)
+        # Beside the preview while the reader's view differs from what the model gets.
+        model_view = gr.Image(label="What the model gets", type="pil", format="png", interactive=False, height=320,
+                              buttons=["fullscreen"], visible=False, elem_id="model-view", scale=1)
+    with gr.Row(elem_id="viewer-zoom"):
+        zoom_in = gr.Button("Zoom in", size="sm", elem_id="zoom-in")
+        zoom_out = gr.Button("Zoom out", size="sm", elem_id="zoom-out")
+        zoom_reset = gr.Button("Reset zoom", size="sm", elem_id="zoom-reset")
     # Several images (a series, views): a slider over all of them, and the ones the model gets.
     slider = gr.Slider(minimum=1, maximum=2, value=1, step=1, label="Slice", visible=False, elem_id="slice")
     sent = gr.Gallery(label="Sent to the model, in order", visible=False, columns=8, height=150, format="png",
@@ -928,6 +1083,19 @@ def _input_panel() -> InputPanel:
         series = gr.Dropdown(choices=[], value=None, label="Series", visible=False, elem_id="series")
         # One frame of a multi-frame file, for API callers; the page steps through frames with the slider.
         frame = gr.Number(value=None, precision=0, label="Frame", visible=False, elem_id="frame")
+    # Grayscale DICOM only: the reader's window (ranges set per image), shown once such a file is uploaded.
+    with gr.Group(visible=False, elem_id="viewer-window") as viewer_group:
+        with gr.Row():
+            center = gr.Slider(-1024, 3071, value=40, step=1, label="Window center (level)", elem_id="window-center")
+            width = gr.Slider(1, 4096, value=400, step=1, label="Window width", elem_id="window-width")
+        with gr.Row():
+            invert = gr.Checkbox(False, label="Invert (viewing only)", elem_id="invert")
+            send = gr.Checkbox(False, label="Send this window to the model", elem_id="send-window")
+    # Whether the reader moved a window slider since the last upload or window choice (a hidden
+    # checkbox: the page keeps it per tab, as it keeps the other controls).
+    adjusted = gr.Checkbox(False, visible=False, label="Window adjusted", elem_id="window-adjusted")
+    viewer = ViewerControls(model_view, center, width, invert, send, viewer_group, adjusted, zoom_in, zoom_out,
+                            zoom_reset)
     dicom_summary = gr.Markdown(visible=False, elem_id="dicom-attributes")
     with gr.Accordion("Study: images sent, prior study", open=True):
         with gr.Row():
@@ -941,7 +1109,15 @@ def _input_panel() -> InputPanel:
         prior = gr.File(label="Prior study (optional): one earlier image or DICOM file, placed first for comparison",
                         file_count="single", file_types=list(UPLOAD_SUFFIXES), type="filepath", elem_id="prior")
     return InputPanel(upload, preview, burned_in, window, frame, dicom_summary, slider, sent, series, max_images,
-                      first_slice, last_slice, prior)
+                      first_slice, last_slice, prior, viewer)
+
+
+def _wire_zoom(panel: InputPanel) -> None:
+    """The zoom buttons: page code only, no request. A new upload (or example) starts at the whole image."""
+    for button, action in ((panel.viewer.zoom_in, "in"), (panel.viewer.zoom_out, "out"),
+                           (panel.viewer.zoom_reset, "reset")):
+        button.click(None, None, None, js=zoom_js(action), api_visibility="private", queue=False)
+    panel.upload.change(None, None, None, js=zoom_js("reset"), api_visibility="private", queue=False)
 
 
 def _examples_gallery(upload: gr.File) -> None:
@@ -1125,7 +1301,8 @@ def build_demo(served: DemoModel, config: AppConfig | None = None, stops: StopRe
                                      placeholder="e.g. 58-year-old smoker, cough for 3 weeks",
                                      max_length=MAX_CONTEXT_CHARS, elem_id="context")
                 decoding = _decoding_controls(config)
-                with gr.Row():
+                # (On phones this row stays at the bottom of the screen: radiology.viewer's CSS.)
+                with gr.Row(elem_id="generate-row"):
                     generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
                 if served.baseline is None:
@@ -1149,19 +1326,23 @@ def build_demo(served: DemoModel, config: AppConfig | None = None, stops: StopRe
         previews = dict(preprocess=False, concurrency_id="preview", concurrency_limit=PREVIEW_CONCURRENCY)
         uploaded = panel.upload.change(_refusing("preview", preview_upload), [panel.upload, panel.window],
                                        panel.preview_outputs(), api_name="preview", **previews)
-        on_page = gr.State(None)  # the study the panel shows (study_key), so a slider step renders one slice
+        on_page = gr.State(None)  # what the panel shows (OnPage), so a slider step renders one slice
         uploaded.then(_refusing("preview", show_new_study),
                       [panel.upload, panel.window, panel.max_images, panel.prior],
-                      panel.study_outputs()[1:] + [panel.first_slice, panel.last_slice, on_page],
+                      panel.study_outputs()[1:] + [panel.first_slice, panel.last_slice] + panel.viewer.outputs()
+                      + [panel.preview, on_page],
                       api_visibility="private", **previews)
-        # A person changing the view (select: a dropdown choice fires input twice) or stepping the slider.
-        # One event for all of them, so that the page runs them one at a time: a trigger while one runs
-        # runs once more after it, with the values then on the page (always_last). As separate events
-        # they ran side by side, and a whole study's view (Max images' box fires on losing focus) could
-        # land after a slider step's and put back the slice before it.
+        # A person changing the view (select: a dropdown choice fires input twice), stepping the slider or
+        # setting the viewer (window sliders, invert, send). One event for all of them, so that the page
+        # runs them one at a time: a trigger while one runs runs once more after it, with the values then
+        # on the page (always_last). As separate events they ran side by side, and a whole study's view
+        # (Max images' box fires on losing focus) could land after a slider step's and put back the slice
+        # before it. show_view tells what changed from its state, the view it last put on the page.
         gr.on([panel.window.select, panel.series.select, panel.max_images.release, panel.first_slice.input,
-               panel.last_slice.input, panel.prior.change, panel.slice.input],
-              _refusing("preview", show_view), [*panel.study_inputs(), on_page], [*panel.study_outputs(), on_page],
+               panel.last_slice.input, panel.prior.change, panel.slice.input, panel.viewer.center.release,
+               panel.viewer.width.release, panel.viewer.invert.input, panel.viewer.send.input],
+              _refusing("preview", show_view), [*panel.study_inputs(), on_page],
+              [*panel.study_outputs(), *panel.viewer.outputs(), on_page],
               api_visibility="private", trigger_mode="always_last", show_progress_on=panel.preview, **previews)
         generate_inputs = [panel.upload, instruction, *decoding.inputs(), context, panel.window, panel.frame,
                            *panel.generate_inputs()]
@@ -1197,6 +1378,8 @@ def build_demo(served: DemoModel, config: AppConfig | None = None, stops: StopRe
         demo.unload(stop)  # a closed tab gives its GPU slot back at once
         _wire_draft(demo, panel, draft_panel, answers, decoding, generate_button, run, served, stops, config,
                     concurrency)
+        # After the draft's: on a new upload, the draft's clearing (which stops a generation) goes first.
+        _wire_zoom(panel)
     return demo
 
 
@@ -1270,6 +1453,9 @@ def launch(demo: gr.Blocks, config: AppConfig, **overrides: Any) -> Any:
         max_file_size=config.max_file_size,
         # The example images alone, not the whole folder (its script and notes are no one's business).
         allowed_paths=[example["path"] for example in load_examples()],
+        # The viewer's zoom and pan, the banners that collapse once read, the phone layout.
+        css=VIEWER_CSS,
+        js=VIEWER_JS,
     )
     return demo.launch(**{**options, **overrides})
 
@@ -1291,7 +1477,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {config.model} could not be loaded: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
     if served.placeholder:
-        logger.warning("serving the tiny demo model (%s): its output is meaningless", served.reason)
+        logger.warning("serving the tiny demo model (%s): random weights, its output is random characters",
+                       served.reason)
     if served.server_problem:
         logger.warning("serving with the model server's problem on the page; each request tries it again")
     for role, loaded in zip(("model", "baseline"), served.models):

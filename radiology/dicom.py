@@ -269,6 +269,11 @@ class DicomImage:
     frame: int
     frames: int
     window: str
+    # For a viewer's window sliders (grayscale only): the linear (center, width) that rendered the
+    # frame (a full range as its equivalent window; None for a VOI LUT or multi), and the frame's
+    # lowest and highest value after the modality LUT (Hounsfield units for CT).
+    linear_window: tuple[float, float] | None = None
+    value_range: tuple[float, float] | None = None
 
     @property
     def warning(self) -> str | None:
@@ -692,14 +697,18 @@ def _is_ct(ds: Dataset) -> bool:
 
 def _render_grayscale(
     stored: np.ndarray, ds: Dataset, layout: _Layout, index: int, window: str | tuple[float, float] | None
-) -> tuple[np.ndarray, str]:
-    """Stored values -> modality LUT -> VOI -> 0..255 (MONOCHROME1 inverted). Returns pixels and the window label."""
+) -> tuple[np.ndarray, str, tuple[float, float] | None, tuple[float, float] | None]:
+    """Stored values -> modality LUT -> VOI -> 0..255 (MONOCHROME1 inverted). Returns pixels, the window
+    label, the linear (center, width) applied (None for a VOI LUT) and the values' (lowest, highest)."""
     with _failure_as(CorruptDicomError, "the header's rescale (modality LUT) values could not be applied"):
         values = apply_modality_lut(stored, _modality_source(ds, index))
+    lowest_highest = _value_range(values)
+    linear: tuple[float, float] | None = None
     with _failure_as(CorruptDicomError, "the window could not be applied"):
         if isinstance(window, tuple):
             center, width = window
             gray, label = _linear_window(values, center, width), f"custom ({_fmt(center, width)})"
+            linear = (center, width)
         elif window in WINDOW_PRESETS:
             if not _is_ct(ds):
                 raise DicomOptionError(
@@ -708,18 +717,37 @@ def _render_grayscale(
                 )
             center, width = WINDOW_PRESETS[window]
             gray, label = _linear_window(values, center, width), f"{window} ({_fmt(center, width)})"
+            linear = (center, width)
         elif window == FULL_RANGE:
             gray, label = _full_range(values), "full range"
+            linear = _full_range_window(lowest_highest)
         else:
-            gray, label = _header_voi(values, ds, index)
+            gray, label, linear = _header_voi(values, ds, index, lowest_highest)
     pixels = _to_uint8(gray)
     if layout.photometric == "MONOCHROME1":  # minimum value is white: invert for display
         pixels = 255 - pixels
-    return pixels, label
+    return pixels, label, linear, lowest_highest
 
 
-def _render_multi_window(stored: np.ndarray, ds: Dataset, index: int) -> tuple[np.ndarray, str]:
-    """Stored values -> Hounsfield units -> the three MULTI_WINDOW_RANGES in R, G, B (CT only)."""
+def _value_range(values: np.ndarray) -> tuple[float, float] | None:
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    return (float(finite.min()), float(finite.max())) if finite.size else None
+
+
+def _full_range_window(lowest_highest: tuple[float, float] | None) -> tuple[float, float] | None:
+    """The linear window that shows about what the full range shows (lowest black, highest white)."""
+    if lowest_highest is None or lowest_highest[1] <= lowest_highest[0]:
+        return None
+    low, high = lowest_highest
+    return (low + high) / 2, high - low
+
+
+def _render_multi_window(
+    stored: np.ndarray, ds: Dataset, index: int
+) -> tuple[np.ndarray, str, tuple[float, float] | None]:
+    """Stored values -> Hounsfield units -> the three MULTI_WINDOW_RANGES in R, G, B (CT only); also
+    the values' (lowest, highest)."""
     if not _is_ct(ds):
         raise DicomOptionError(
             f"the '{MULTI_WINDOW}' window puts three CT windows in Hounsfield units into R, G, B and this image "
@@ -733,24 +761,27 @@ def _render_multi_window(stored: np.ndarray, ds: Dataset, index: int) -> tuple[n
     # No MONOCHROME1 inversion: this is a fixed encoding of Hounsfield units (what the model learned),
     # not a display of the stored values, so the same tissue gives the same colour in every file.
     label = f"{MULTI_WINDOW} (" + ", ".join(f"{name} {low:g}..{high:g} HU" for name, low, high in MULTI_WINDOW_RANGES) + ")"
-    return channels, label
+    return channels, label, _value_range(values)
 
 
-def _header_voi(values: np.ndarray, ds: Dataset, index: int) -> tuple[np.ndarray, str]:
+def _header_voi(
+    values: np.ndarray, ds: Dataset, index: int, lowest_highest: tuple[float, float] | None
+) -> tuple[np.ndarray, str, tuple[float, float] | None]:
     try:
         lut = _voi_lut(values, ds)
     except Exception:  # noqa: BLE001 - a broken VOI LUT falls back to the window or full range
         lut = None
     if lut is not None:
-        return lut, "from the file (VOI LUT)"
+        return lut, "from the file (VOI LUT)", None
     found = _header_window(ds, index)
     if found is not None:
         center, width, function = found
         try:
-            return _linear_window(values, center, width, function), f"from the file ({_fmt(center, width)})"
+            shown = _linear_window(values, center, width, function)
+            return shown, f"from the file ({_fmt(center, width)})", (center, width)
         except Exception:  # noqa: BLE001
             pass
-    return _full_range(values), "full range (the file gives no usable window)"
+    return _full_range(values), "full range (the file gives no usable window)", _full_range_window(lowest_highest)
 
 
 def _render_colour(stored: np.ndarray, ds: Dataset, layout: _Layout) -> np.ndarray:
@@ -874,14 +905,15 @@ def _render(ds: Dataset, ended_early: bool, window: str | tuple[float, float] | 
     if ended_early:
         raise TruncatedDicomError("the DICOM file ends before the end of its pixel data (it was cut off); copy it again")
     stored = _decode_frame(ds, index, tsyntax, layout)
+    linear, lowest_highest = None, None
     if layout.photometric in _MONOCHROME:
         if stored.ndim != 2:
             raise UnsupportedDicomError("the decoded frame does not have the single sample a grayscale image needs")
         if window == MULTI_WINDOW:
-            rgb, label = _render_multi_window(stored, ds, index)
+            rgb, label, lowest_highest = _render_multi_window(stored, ds, index)
             image = Image.fromarray(rgb, mode="RGB")
         else:
-            gray, label = _render_grayscale(stored, ds, layout, index, window)
+            gray, label, linear, lowest_highest = _render_grayscale(stored, ds, layout, index, window)
             image = Image.fromarray(gray, mode="L").convert("RGB")
     else:
         if window in WINDOW_PRESETS or window == MULTI_WINDOW or isinstance(window, tuple):
@@ -897,6 +929,8 @@ def _render(ds: Dataset, ended_early: bool, window: str | tuple[float, float] | 
         frame=index,
         frames=layout.frames,
         window=label,
+        linear_window=linear,
+        value_range=lowest_highest,
     )
 
 

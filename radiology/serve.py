@@ -103,6 +103,7 @@ __all__ = [
     "UploadedImage",
     "UploadedStudy",
     "UserStop",
+    "Window",
     "clean_context",
     "clean_instruction",
     "default_cache_dir",
@@ -194,6 +195,8 @@ def _is_dicom(suffix: str, data: bytes) -> bool:
     return suffix in DICOM_SUFFIXES or has_dicom_preamble(data)
 
 
+# A DICOM window: a name (one of ALL_WINDOWS) or a custom (center, width), as radiology.dicom takes it.
+Window = str | tuple[float, float]
 # The demo's default window: the study's own default (multi for a grayscale CT series, else header).
 AUTO_WINDOW = "auto"
 DEMO_WINDOWS: tuple[str, ...] = (AUTO_WINDOW, *ALL_WINDOWS)
@@ -219,7 +222,7 @@ def _frame_index(frame_number: float | None) -> int | None:
     return int(float(frame_number)) - 1
 
 
-def _read_dicom(data: bytes, window: str | None, frame_number: float | None) -> DicomImage:
+def _read_dicom(data: bytes, window: Window | None, frame_number: float | None) -> DicomImage:
     # A named in-memory file: the reader's messages then say "named .dcm" where that helps, and
     # the real file name (which may carry the patient's) never reaches it.
     def source() -> io.BytesIO:
@@ -227,7 +230,7 @@ def _read_dicom(data: bytes, window: str | None, frame_number: float | None) -> 
         buffer.name = "upload.dcm"
         return buffer
 
-    if window is not None and window not in ALL_WINDOWS:
+    if isinstance(window, str) and window not in ALL_WINDOWS:
         raise UploadOptionError(f"Unknown window {str(window)[:40]!r}: choose one of {', '.join(ALL_WINDOWS)}.")
     index = _frame_index(frame_number)
     try:
@@ -246,7 +249,7 @@ def _read_dicom(data: bytes, window: str | None, frame_number: float | None) -> 
 
 
 def load_upload(
-    path: str | Path | None, window: str | None = None, frame_number: float | None = None
+    path: str | Path | None, window: Window | None = None, frame_number: float | None = None
 ) -> UploadedImage:
     """An uploaded file as the 8-bit RGB image the model gets, or UploadError saying why not.
 
@@ -328,7 +331,7 @@ def _within_working_pixels(image: Image.Image) -> Image.Image:
     return image.resize(size, Image.Resampling.BOX)
 
 
-def read_upload(path: str | Path | None, window: str | None = None, frame_number: float | None = None) -> Image.Image:
+def read_upload(path: str | Path | None, window: Window | None = None, frame_number: float | None = None) -> Image.Image:
     """The image of ``load_upload``: what the model gets."""
     return load_upload(path, window, frame_number).image
 
@@ -374,7 +377,8 @@ class UploadedStudy:
     images: tuple[Image.Image, ...]
     attributes: dict[str, str]
     window: str | None  # the DICOM window's label, None without DICOM
-    window_name: str | None  # the window's name (one of ALL_WINDOWS) that rendered it, None without DICOM
+    # the window that rendered it (one of ALL_WINDOWS, or a custom (center, width)), None without DICOM
+    window_name: Window | None
     warning: str | None
     prior: UploadedImage | None = None
     single: UploadedImage | None = None  # kind "image"
@@ -453,7 +457,7 @@ def _head(path: str) -> bytes:
         return fp.read(132)
 
 
-def _render_slices(series: Series, indices: Sequence[int], window: str | None) -> list[DicomImage]:
+def _render_slices(series: Series, indices: Sequence[int], window: Window | None) -> list[DicomImage]:
     try:
         return read_series_slices(series, indices, window)
     except DicomOptionError as err:  # a window the series cannot take (SeriesOptionError included)
@@ -516,7 +520,7 @@ def _slice_span(first: int | None, last: int | None, total: int) -> tuple[int, i
 
 
 def _series_study(
-    series: Series, window: str | None, max_images: int, first: int | None, last: int | None, render: bool,
+    series: Series, window: Window | None, max_images: int, first: int | None, last: int | None, render: bool,
 ) -> UploadedStudy:
     total = len(series)
     sent = sample_indices(total, max_images, _slice_span(first, last, total))
@@ -550,7 +554,7 @@ def _series_study(
     )
 
 
-def _views_study(paths: Sequence[str], window: str | None, max_images: int) -> UploadedStudy:
+def _views_study(paths: Sequence[str], window: Window | None, max_images: int) -> UploadedStudy:
     if len(paths) > max_images:
         raise UploadOptionError(f"{len(paths)} images uploaded; the model gets at most {max_images} at once (Max "
                                 "images): raise it, or upload fewer.")
@@ -578,7 +582,7 @@ def _views_study(paths: Sequence[str], window: str | None, max_images: int) -> U
     )
 
 
-def _single_study(shown: UploadedImage, window: str | None) -> UploadedStudy:
+def _single_study(shown: UploadedImage, window: Window | None) -> UploadedStudy:
     dicom = shown.dicom
     return UploadedStudy(
         kind="image", total=1, sent=(0,), images=(shown.image,),
@@ -588,7 +592,7 @@ def _single_study(shown: UploadedImage, window: str | None) -> UploadedStudy:
     )
 
 
-def _load_prior(path: str, window: str | None) -> UploadedImage:
+def _load_prior(path: str, window: Window | None) -> UploadedImage:
     """The prior study's image: the study's window where the file takes it, else the file's own."""
     try:
         try:
@@ -601,7 +605,7 @@ def _load_prior(path: str, window: str | None) -> UploadedImage:
 
 def load_study(
     paths: Sequence[str],
-    window: str | None = None,
+    window: Window | None = None,
     frame_number: float | None = None,
     series: int | None = None,
     max_images: int = DEFAULT_MAX_IMAGES,

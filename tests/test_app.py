@@ -168,7 +168,7 @@ def test_page_shows_disclaimer_demo_notice_and_model(app_server):
     with urllib.request.urlopen(app_server.url + "config") as response:
         config = response.read().decode()
     assert json.dumps(app.DISCLAIMER)[1:-1] in config
-    assert "Demo model: the output is meaningless text" in config
+    assert "Demo model: random weights, its output is random characters" in config
     assert "No model is configured" in config
     assert "tiny demo model (random weights)" in config and "bf16" in config
 
@@ -597,7 +597,7 @@ def test_python_app_py_starts_on_the_tiny_model_and_answers(app_process, tmp_pat
     with pytest.raises(AppError):
         client.predict(*generate_args(broken), api_name="/generate")
     output = app_process.log.read_text()
-    assert "serving the tiny demo model" in output and "meaningless" in output
+    assert "serving the tiny demo model" in output and "random characters" in output
     assert "warmed up" not in output  # CUDA graphs only: nothing to warm up on the CPU
     # Nothing about the uploads (names, content) reaches the log.
     assert "ct_axial" not in output and "DOE_JOHN" not in output and "not an image" not in output
@@ -786,7 +786,7 @@ def test_instruction_with_a_control_token_is_refused_up_front(app_server, token,
 def test_malformed_requests_are_refused_with_the_controls_named(app_server, tmp_path):
     image = uploaded(app_server, EXAMPLE)
     event, payload = raw_call(app_server, "generate", [image, "Describe.", "greedy", 1.0, 0.95, 64, 8, "PHI-4242"])
-    assert event == "error" and payload["error"].startswith("This request sent 8 values; it takes 16: Image, study")
+    assert event == "error" and payload["error"].startswith("This request sent 8 values; it takes 19: Image, study")
     assert "Max images" in payload["error"] and "PHI-4242" not in payload["error"]
     # The 11 values the API took before studies still make a request: the study's controls take their defaults.
     event, payload = raw_call(app_server, "generate", [image, *GOOD_RAW])
