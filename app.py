@@ -128,7 +128,7 @@ DISCLAIMER = (
     "clinical decision."
 )
 PLACEHOLDER_NOTICE = (
-    "Demo model: random weights, its output is random characters — start with --model to use a real one. "
+    "Demo model: random weights, its output is random characters. "
     "{reason}, so this page runs a tiny, randomly initialised Gemma 3. To serve a fine-tuned model, start the "
     "app with --model FOLDER_OR_HUB_ID (or set RADIOLOGY_MODEL; add --adapter / RADIOLOGY_ADAPTER for a LoRA "
     "adapter): see the README, section Demo."
@@ -159,6 +159,8 @@ PREVIEW_CONCURRENCY = 2
 ON_ZERO_GPU = spaces is not None and os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
 # The page redraws the whole answer on each update: 20 a second reads as live and keeps it responsive.
 UPDATE_INTERVAL_S = 0.05
+# How long clearing the draft for a new study waits for the stopped generation to end (one token, usually).
+CLEAR_WAIT_S = 5.0
 
 
 # --------------------------------------------------------------------------- options
@@ -552,11 +554,13 @@ def make_generate(
         prior_image = study.prior.image if study.prior is not None else None
         abouts = [f"{m.name} · {m.precision} · {m.device} · {settings.describe()}{notes}" for m in models]
         session = request.session_hash if request is not None else None
-        with stops.running(session) as (key, _):
+        with stops.running(session) as (key, event):
             try:
                 with closing(stream_on_gpu(key, list(study.images), prior_image, instruction, context,
                                            settings)) as items:
                     for item in paced(items, UPDATE_INTERVAL_S):
+                        if event.superseded:  # a new study is on the page: its cleared boxes stay cleared
+                            return
                         shown, lines = _shown_texts(item, settings), _status_lines(abouts, item)
                         draft = None
                         if _finished(item):
@@ -608,11 +612,13 @@ def make_follow_up(
         if dropped:
             about += f" · the {dropped} earliest follow-up(s) left out of the prompt to fit the model's context"
         session = request.session_hash if request is not None else None
-        with stops.running(session) as (key, _):
+        with stops.running(session) as (key, event):
             try:
                 with closing(stream_on_gpu(key, list(draft.images), draft.prior, draft.instruction, draft.context,
                                            settings, dialogue, True)) as items:
                     for item in paced(items, UPDATE_INTERVAL_S):
+                        if event.superseded:  # a new study is on the page: its cleared draft stays cleared
+                            return
                         (shown,), (line,) = _shown_texts(item, settings), _status_lines([about], item)
                         if not _finished(item):
                             yield conversation_messages(draft, (question, shown)), line, gr.skip()
@@ -1430,7 +1436,10 @@ def _wire_draft(
     # A new study (upload, window, series, slices, prior) empties the draft at once: an answer about the previous
     # image never stays beside the new one. A generation still running for it is stopped.
     def clear_draft(request: gr.Request) -> tuple[Any, ...]:
-        stops.stop(request.session_hash)
+        # Cleared once the stopped generation has ended: an update it sent before stopping then reaches the
+        # page before the cleared boxes do, and it sends none after (superseded).
+        if stops.stop(request.session_hash, superseded=True):
+            stops.wait_ended(request.session_hash, CLEAR_WAIT_S)
         return _cleared_values(answers)
 
     for event in (panel.upload.change, panel.window.select, panel.series.select, panel.max_images.release,

@@ -35,6 +35,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 import warnings
 from collections.abc import Iterator, Sequence
@@ -1029,9 +1030,12 @@ class UserStop(threading.Event):
     def __init__(self) -> None:
         super().__init__()
         self.requested = False
+        self.superseded = False
 
-    def request(self) -> None:
+    def request(self, superseded: bool = False) -> None:
+        """``superseded``: the page moved on (a new study), so nothing of this generation is shown any more."""
         self.requested = True
+        self.superseded = self.superseded or superseded
         self.set()
 
 
@@ -1068,13 +1072,25 @@ class StopRegistry:
         with self._lock:
             return self._by_key.get(key) or UserStop()
 
-    def stop(self, session: str | None) -> int:
-        """Ask every generation of ``session`` to stop; returns how many were running."""
+    def stop(self, session: str | None, superseded: bool = False) -> int:
+        """Ask every generation of ``session`` to stop (``superseded``: and to show nothing more); returns how
+        many were running."""
         with self._lock:
             events = [self._by_key[k] for k in self._by_session.get(session or "", ()) if k in self._by_key]
             for event in events:
-                event.request()
+                event.request(superseded)
         return len(events)
+
+    def wait_ended(self, session: str | None, timeout_s: float) -> bool:
+        """Wait until no generation of ``session`` runs (at most ``timeout_s``); whether none does."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                if not self._by_session.get(session or ""):
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
 
     def __len__(self) -> int:
         with self._lock:

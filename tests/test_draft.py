@@ -70,15 +70,19 @@ def test_stopped_cut_and_not_run_answers_are_marked_in_the_text():
     assert CUT_MARK.format(limit=3) in marked("x", "cut", 3)
 
 
-def test_stream_side_by_side_says_cut_only_for_an_answer_that_reached_max_new_tokens(monkeypatch):
-    def fake_stream(loaded, image, instruction, settings, context, stop, prior, dialogue=None):
-        yield StreamedText("one two", 2)
-        yield StreamedText("one two three", 3)
+def test_stream_side_by_side_says_cut_only_for_an_answer_that_reached_max_new_tokens():
+    class ThreeTokens:
+        """A model (generate.AnsweringModel) whose answer is three tokens long."""
 
-    monkeypatch.setattr(generate_module, "stream_text", fake_stream)
-    last = list(stream_side_by_side([object()], "unused", settings=GenerationSettings(max_new_tokens=3)))[-1]
+        name, precision, device = "three", "bf16", "cpu"
+
+        def stream_answer(self, image, instruction, settings, context, stop, prior, dialogue=None):
+            yield StreamedText("one two", 2)
+            yield StreamedText("one two three", 3)
+
+    last = list(stream_side_by_side([ThreeTokens()], "unused", settings=GenerationSettings(max_new_tokens=3)))[-1]
     assert last.states == ["cut"] and last == ["one two three"]
-    last = list(stream_side_by_side([object()], "unused", settings=GenerationSettings(max_new_tokens=4)))[-1]
+    last = list(stream_side_by_side([ThreeTokens()], "unused", settings=GenerationSettings(max_new_tokens=4)))[-1]
     assert last.states == ["done"]
 
 

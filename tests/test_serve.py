@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +144,32 @@ def test_stop_registry_stops_only_the_sessions_own_generations():
         assert not event_b.is_set() and not event_b.requested
     assert len(stops) == 0
     assert stops.stop("alice") == 0
+
+
+def test_a_new_study_supersedes_the_sessions_generation_and_clearing_waits_for_its_end():
+    stops = StopRegistry()
+    ended = threading.Event()
+
+    def generation() -> None:
+        with stops.running("alice") as (_, event):
+            event.wait(10)
+            time.sleep(0.2)  # the last token's hand-over
+        ended.set()
+
+    worker = threading.Thread(target=generation)
+    worker.start()
+    while not len(stops):
+        time.sleep(0.01)
+    with stops.running("alice") as (_, user_stopped):
+        pass
+    assert stops.stop("alice", superseded=True) == 1
+    assert stops.wait_ended("alice", timeout_s=5) and ended.is_set()
+    worker.join()
+    assert not user_stopped.superseded  # (ended before the new study)
+    with stops.running("bob") as (_, event):
+        stops.stop("bob")
+        assert event.requested and not event.superseded  # the Stop button: the answer stays, marked
+        assert not stops.wait_ended("bob", timeout_s=0.05)
 
 
 def test_stop_registry_gives_a_fresh_event_for_an_unknown_key():
