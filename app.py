@@ -457,14 +457,16 @@ def _finished(item: SideBySideTexts) -> bool:
 
 
 def make_streamer(
-    models: Sequence[AnsweringModel], stops: StopRegistry, config: AppConfig
+    models: Sequence[AnsweringModel], stops: StopRegistry, config: AppConfig,
+    on_server: Callable[[str | None], None] | None = None,
 ) -> Callable[..., Iterator[SideBySideTexts]]:
-    """The one streaming function of Generate and follow-up questions: ``stream_side_by_side`` over the models
-    (the first one alone with ``first_only``), on a ZeroGPU slice where there is one and a model is loaded here.
-    Only picklable arguments (a key, not the event): on ZeroGPU this runs in a worker process."""
+    """The one stream loop of Generate and follow-up questions, for one request: ``stream_side_by_side`` over the
+    models (the first one alone with ``first_only``), on a ZeroGPU slice where there is one and a model is loaded
+    here; registered for the session's Stop, paced for the page, ended without another item once a new study
+    supersedes it, and a failure turned into the page's message (``on_server`` hears how a model server fared)."""
     models = list(models)
-    served_elsewhere = not any(isinstance(m, LoadedModel) for m in models)
 
+    # Only picklable arguments (a key, not the event): on ZeroGPU this runs in a worker process.
     def stream_on_gpu(
         key: str, images: list[Image.Image], prior: Image.Image | None, instruction: str, context: str | None,
         settings: GenerationSettings, dialogue: Dialogue | None = None, first_only: bool = False,
@@ -472,9 +474,30 @@ def make_streamer(
         yield from stream_side_by_side(models[:1] if first_only else models, images, instruction, settings, context,
                                        stop=stops.event(key), prior=prior, dialogue=dialogue)
 
-    if served_elsewhere:  # a served model needs no GPU of this machine
-        return stream_on_gpu
-    return _gpu_function(stream_on_gpu, config.gpu_duration)
+    if any(isinstance(m, LoadedModel) for m in models):  # a served model needs no GPU of this machine
+        stream_on_gpu = _gpu_function(stream_on_gpu, config.gpu_duration)
+
+    def stream_request(
+        request: gr.Request | None, images: list[Image.Image], prior: Image.Image | None, instruction: str,
+        context: str | None, settings: GenerationSettings, dialogue: Dialogue | None = None, first_only: bool = False,
+    ) -> Iterator[SideBySideTexts]:
+        with stops.running(request.session_hash if request is not None else None) as (key, event):
+            try:
+                with closing(stream_on_gpu(key, images, prior, instruction, context, settings, dialogue,
+                                           first_only)) as items:
+                    for item in paced(items, UPDATE_INTERVAL_S):
+                        if event.superseded:  # a new study is on the page: its cleared draft stays cleared
+                            return
+                        yield item
+                answered = models[:1] if first_only else models
+                if on_server is not None and any(isinstance(m, RemoteModel) for m in answered):
+                    on_server(None)  # the server answered: a problem seen before is gone
+            except RemoteModelError as err:
+                raise _server_failed(err, on_server) from None
+            except Exception as err:
+                raise _generation_failed(err) from None
+
+    return stream_request
 
 
 def _generation_failed(err: Exception) -> gr.Error:
@@ -500,11 +523,6 @@ def _server_failed(err: RemoteModelError, on_server: Callable[[str | None], None
     return gr.Error(f"The model server could not answer: {err}", print_exception=False)
 
 
-def _served_by_server(models: Sequence[AnsweringModel], on_server: Callable[[str | None], None] | None) -> None:
-    if on_server is not None and any(isinstance(m, RemoteModel) for m in models):
-        on_server(None)  # the server answered: a problem seen before is gone
-
-
 def make_generate(
     models: Sequence[AnsweringModel], stops: StopRegistry, config: AppConfig,
     on_server: Callable[[str | None], None] | None = None,
@@ -516,7 +534,7 @@ def make_generate(
     ``on_server`` hears, after each request that reached a model server, why the server failed (None: it
     answered)."""
     models = list(models)
-    stream_on_gpu = make_streamer(models, stops, config)
+    stream_request = make_streamer(models, stops, config, on_server)
     default_instruction = with_report_format(DEFAULT_INSTRUCTION, config.report_format)
 
     def generate(
@@ -553,27 +571,18 @@ def make_generate(
         notes = _input_notes(study, context)
         prior_image = study.prior.image if study.prior is not None else None
         abouts = [f"{m.name} · {m.precision} · {m.device} · {settings.describe()}{notes}" for m in models]
-        session = request.session_hash if request is not None else None
-        with stops.running(session) as (key, event):
-            try:
-                with closing(stream_on_gpu(key, list(study.images), prior_image, instruction, context,
-                                           settings)) as items:
-                    for item in paced(items, UPDATE_INTERVAL_S):
-                        if event.superseded:  # a new study is on the page: its cleared boxes stay cleared
-                            return
-                        shown, lines = _shown_texts(item, settings), _status_lines(abouts, item)
-                        draft = None
-                        if _finished(item):
-                            draft = Draft(study.images, prior_image, study.describe(), instruction, context,
-                                          tuple(Answer(m.name, text, box, line)
-                                                for m, text, box, line in zip(models, item, shown, lines)),
-                                          config.report_format)
-                        yield (*(x for pair in zip(shown, lines) for x in pair), draft)
-                _served_by_server(models, on_server)
-            except RemoteModelError as err:
-                raise _server_failed(err, on_server) from None
-            except Exception as err:
-                raise _generation_failed(err) from None
+        # closing(): a page that goes away (cancel, closed tab) ends the generation at once.
+        with closing(stream_request(request, list(study.images), prior_image, instruction, context,
+                                    settings)) as items:
+            for item in items:
+                shown, lines = _shown_texts(item, settings), _status_lines(abouts, item)
+                draft = None
+                if _finished(item):
+                    draft = Draft(study.images, prior_image, study.describe(), instruction, context,
+                                  tuple(Answer(m.name, text, box, line)
+                                        for m, text, box, line in zip(models, item, shown, lines)),
+                                  config.report_format)
+                yield (*(x for pair in zip(shown, lines) for x in pair), draft)
 
     return generate
 
@@ -586,7 +595,7 @@ def make_follow_up(
     its conversation (the first answer and the earlier follow-ups), streamed like Generate's answers. Yields the
     conversation (chat messages), the line under it and, once the answer ended, the draft with the new turn."""
     served = models[0]
-    stream_on_gpu = make_streamer(models, stops, config)
+    stream_request = make_streamer(models, stops, config, on_server)
 
     def follow_up(
         question: object,
@@ -611,25 +620,15 @@ def make_follow_up(
         about = f"{served.name} · {served.precision} · {served.device} · {settings.describe()} · follow-up {number}"
         if dropped:
             about += f" · the {dropped} earliest follow-up(s) left out of the prompt to fit the model's context"
-        session = request.session_hash if request is not None else None
-        with stops.running(session) as (key, event):
-            try:
-                with closing(stream_on_gpu(key, list(draft.images), draft.prior, draft.instruction, draft.context,
-                                           settings, dialogue, True)) as items:
-                    for item in paced(items, UPDATE_INTERVAL_S):
-                        if event.superseded:  # a new study is on the page: its cleared draft stays cleared
-                            return
-                        (shown,), (line,) = _shown_texts(item, settings), _status_lines([about], item)
-                        if not _finished(item):
-                            yield conversation_messages(draft, (question, shown)), line, gr.skip()
-                            continue
-                        asked = draft.with_turn(Turn(question, Answer(served.name, item[0], shown, line)))
-                        yield conversation_messages(asked), line, asked
-                _served_by_server(models[:1], on_server)
-            except RemoteModelError as err:
-                raise _server_failed(err, on_server) from None
-            except Exception as err:
-                raise _generation_failed(err) from None
+        with closing(stream_request(request, list(draft.images), draft.prior, draft.instruction, draft.context,
+                                    settings, dialogue, True)) as items:
+            for item in items:
+                (shown,), (line,) = _shown_texts(item, settings), _status_lines([about], item)
+                if not _finished(item):
+                    yield conversation_messages(draft, (question, shown)), line, gr.skip()
+                    continue
+                asked = draft.with_turn(Turn(question, Answer(served.name, item[0], shown, line)))
+                yield conversation_messages(asked), line, asked
 
     return follow_up
 
