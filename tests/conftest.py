@@ -144,3 +144,20 @@ def refuse_loading(monkeypatch):
 
     monkeypatch.setattr("radiology.training.load_training_data", must_not_load)
     monkeypatch.setattr("radiology.training.build_trainer", must_not_load)
+
+
+@pytest.fixture
+def prompt_ids(monkeypatch) -> list[list[int]]:
+    """The input ids of every prompt stream_text builds, in order (build_inputs is what it calls)."""
+    import radiology.generate
+
+    seen: list[list[int]] = []
+    build_inputs = radiology.generate.build_inputs
+
+    def spy(processor, image, instruction=None, context=None, prior=None, dialogue=None):
+        inputs = build_inputs(processor, image, instruction, context, prior, dialogue=dialogue)
+        seen.append(inputs["input_ids"][0].tolist())
+        return inputs
+
+    monkeypatch.setattr(radiology.generate, "build_inputs", spy)
+    return seen

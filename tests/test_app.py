@@ -482,18 +482,8 @@ def _contains(sequence: list[int], part: list[int]) -> int:
     return next((i for i in range(len(sequence) - len(part) + 1) if sequence[i : i + len(part)] == part), -1)
 
 
-def test_clinical_history_reaches_the_models_input_ids_in_the_user_turn(app_server, monkeypatch):
-    import radiology.generate
-
-    seen: list[list[int]] = []
-    build_inputs = radiology.generate.build_inputs
-
-    def spy(processor, image, instruction=None, context=None, prior=None, dialogue=None):
-        inputs = build_inputs(processor, image, instruction, context, prior, dialogue=dialogue)
-        seen.append(inputs["input_ids"][0].tolist())
-        return inputs
-
-    monkeypatch.setattr(radiology.generate, "build_inputs", spy)  # what stream_text calls
+def test_clinical_history_reaches_the_models_input_ids_in_the_user_turn(app_server, prompt_ids):
+    seen = prompt_ids
     history = "58-year-old smoker, cough for 3 weeks"
     instruction = "Describe this image."
     client = app_server.client()

@@ -45,21 +45,6 @@ def unmarked(text: str) -> str:
     return MARK.sub("", text)
 
 
-@pytest.fixture
-def prompts(monkeypatch):
-    """The input ids of every prompt stream_text builds, in order."""
-    seen: list[list[int]] = []
-    build_inputs = radiology.generate.build_inputs
-
-    def spy(processor, image, instruction=None, context=None, prior=None, dialogue=None):
-        inputs = build_inputs(processor, image, instruction, context, prior, dialogue=dialogue)
-        seen.append(inputs["input_ids"][0].tolist())
-        return inputs
-
-    monkeypatch.setattr(radiology.generate, "build_inputs", spy)
-    return seen
-
-
 # --------------------------------------------------------------------------- marks in the text
 
 
@@ -87,7 +72,7 @@ def test_a_stopped_answer_says_so_in_its_text(app_server, monkeypatch):
 # --------------------------------------------------------------------------- follow-up questions
 
 
-def test_three_follow_up_questions_each_prompt_holds_the_earlier_turns(app_server, prompts):
+def test_three_follow_up_questions_each_prompt_holds_the_earlier_turns(app_server, prompt_ids):
     client = app_server.client()
     history = "58-year-old smoker"
     first, _ = generate(client, EXAMPLE, context=history)
@@ -108,13 +93,13 @@ def test_three_follow_up_questions_each_prompt_holds_the_earlier_turns(app_serve
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     expected = processor(text=[prompt], images=[[read_upload(EXAMPLE)]], return_tensors="pt",
                          add_special_tokens=False)["input_ids"][0].tolist()
-    assert len(prompts) == 4 and prompts[3] == expected
+    assert len(prompt_ids) == 4 and prompt_ids[3] == expected
     tokenizer = processor.tokenizer
-    assert prompts[3].count(tokenizer.convert_tokens_to_ids("<start_of_turn>")) == 7 + 1  # 7 turns, then the answer's
-    assert len(prompts[1]) < len(prompts[2]) < len(prompts[3])
+    assert prompt_ids[3].count(tokenizer.convert_tokens_to_ids("<start_of_turn>")) == 7 + 1  # 7 turns, then the answer's
+    assert len(prompt_ids[1]) < len(prompt_ids[2]) < len(prompt_ids[3])
 
 
-def test_a_long_conversation_leaves_out_its_oldest_follow_ups(app_server, prompts, monkeypatch):
+def test_a_long_conversation_leaves_out_its_oldest_follow_ups(app_server, prompt_ids, monkeypatch):
     # A context that holds the first answer and one earlier turn at most (radiology.draft.prompt_fits decides).
     monkeypatch.setattr(app, "prompt_fits", lambda loaded, draft, dialogue, max_new_tokens: len(dialogue.follow_ups) <= 2)
     client = app_server.client()
@@ -125,7 +110,7 @@ def test_a_long_conversation_leaves_out_its_oldest_follow_ups(app_server, prompt
     assert "the 1 earliest follow-up(s) left out of the prompt" in about
     assert len(conversation) == 6  # the page still shows every turn
     tokenizer = app_server.served.loaded.processor.tokenizer
-    assert "First question?" not in tokenizer.decode(prompts[-1]) and "Second question?" in tokenizer.decode(prompts[-1])
+    assert "First question?" not in tokenizer.decode(prompt_ids[-1]) and "Second question?" in tokenizer.decode(prompt_ids[-1])
     monkeypatch.setattr(app, "prompt_fits", lambda *args: False)
     with pytest.raises(AppError, match="do not fit the model's context.*lower Max new tokens"):
         ask(client, "Fourth question?")
