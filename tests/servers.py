@@ -66,6 +66,25 @@ class Server:
         self._out.close()
 
 
+def _read_request(client: socket.socket) -> bytes:
+    """One whole HTTP request from ``client``: its head, then as many body bytes as Content-Length says."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = client.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    size = int(length.group(1)) if length else 0
+    while len(body) < size:
+        chunk = client.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
 class Proxy:
     """A TCP relay in front of a server that keeps every byte the client sent, each connection's
     bytes apart (so that requests sent side by side are not interleaved in ``sent``). ``port``: the
@@ -111,7 +130,7 @@ class Proxy:
                 return
             if self._drops_left > 0:
                 self._drops_left -= 1
-                client.recv(65536)
+                _read_request(client)  # all of it: a socket closed with unread bytes resets (RST) instead
                 client.close()
                 continue
             upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
